@@ -1,0 +1,120 @@
+"""Typed architecture description of a DINOv2-style ViT and the registry of named variants.
+
+A :class:`BackboneConfig` is everything needed to rebuild a backbone from a state dict; it is stored verbatim
+in every model card (``model.json``) so an artifact can be rebuilt without knowing how it was made.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dinoforge.core.errors import ConfigError
+
+
+class BackboneConfig(BaseModel):
+    """Hyper-parameters of a DINOv2-style Vision Transformer.
+
+    Defaults follow the official hub models (ViT-S/14, pos-embed trained at 518 px, LayerScale 1e-5).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    embed_dim: int = Field(384, gt=0)
+    depth: int = Field(12, gt=0)
+    num_heads: int = Field(6, gt=0)
+    patch_size: int = Field(14, gt=0)
+    img_size: int = Field(518, gt=0, description="Image size the position embedding grid was trained at.")
+    in_chans: int = Field(3, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    ffn: Literal["mlp", "swiglu"] = "mlp"
+    mlp_hidden_dim: int | None = Field(None, description="Overrides the hidden width derived from mlp_ratio.")
+    num_register_tokens: int = Field(0, ge=0)
+    layerscale_init: float | None = 1e-5
+    interpolate_offset: float = 0.1
+    interpolate_antialias: bool = False
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    layernorm_eps: float = 1e-6
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_uniform: bool = False
+    frozen_patch_embed: bool = Field(False, description="MoCo v3 trick: freeze a random patch projection.")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> BackboneConfig:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        return self
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the square position-embedding grid (``img_size // patch_size``)."""
+        return self.img_size // self.patch_size
+
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the FFN hidden layer (per branch for SwiGLU)."""
+        if self.mlp_hidden_dim is not None:
+            return self.mlp_hidden_dim
+        hidden = int(self.embed_dim * self.mlp_ratio)
+        if self.ffn == "swiglu":
+            # Official SwiGLUFFNFused: 2/3 of the MLP width, rounded up to a multiple of 8.
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        return hidden
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS token plus register tokens."""
+        return 1 + self.num_register_tokens
+
+
+def _official(embed_dim: int, depth: int, num_heads: int, patch: int = 14, **kw: object) -> BackboneConfig:
+    return BackboneConfig(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch,
+                          img_size=37 * patch, **kw)  # type: ignore[arg-type]
+
+
+_REG = {"num_register_tokens": 4, "interpolate_offset": 0.0, "interpolate_antialias": True}
+
+#: Named architectures. ``*14`` follow the official hub models; ``test*`` are tiny variants for CI.
+ARCHITECTURES: dict[str, BackboneConfig] = {
+    "vitti14": _official(192, 12, 3),
+    "vits14": _official(384, 12, 6),
+    "vitb14": _official(768, 12, 12),
+    "vitl14": _official(1024, 24, 16),
+    "vitg14": _official(1536, 40, 24, ffn="swiglu"),
+    "vitti16": _official(192, 12, 3, patch=16),
+    "vits16": _official(384, 12, 6, patch=16),
+    "vitb16": _official(768, 12, 12, patch=16),
+    "vitl16": _official(1024, 24, 16, patch=16),
+    "vits14_reg4": _official(384, 12, 6, **_REG),
+    "vitb14_reg4": _official(768, 12, 12, **_REG),
+    "vitl14_reg4": _official(1024, 24, 16, **_REG),
+    "vitg14_reg4": _official(1536, 40, 24, ffn="swiglu", **_REG),
+    # Tiny registered models for tests and CPU recipes (width 64, depth 2).
+    "test": BackboneConfig(embed_dim=64, depth=2, num_heads=2, patch_size=14, img_size=56, layerscale_init=1.0),
+    "test_reg4": BackboneConfig(embed_dim=64, depth=2, num_heads=2, patch_size=14, img_size=56,
+                                layerscale_init=1.0, **_REG),  # type: ignore[arg-type]
+    "test_p16": BackboneConfig(embed_dim=64, depth=2, num_heads=2, patch_size=16, img_size=64, layerscale_init=1.0),
+}
+
+
+def get_arch(name: str, **overrides: object) -> BackboneConfig:
+    """Return the named architecture, optionally with fields replaced.
+
+    Raises:
+        ConfigError: unknown name or invalid override.
+    """
+    if name not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ConfigError(f"unknown architecture {name!r}; known: {known}")
+    base = ARCHITECTURES[name]
+    if not overrides:
+        return base
+    try:
+        return BackboneConfig(**{**base.model_dump(), **overrides})
+    except ValueError as err:
+        raise ConfigError(f"invalid override for architecture {name!r}: {err}") from err

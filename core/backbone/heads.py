@@ -1,0 +1,74 @@
+"""The DINO projection head (also used as the iBOT patch head), with the official parameter names.
+
+``mlp.0`` in->hidden, GELU, ``mlp.2`` hidden->hidden, GELU, ``mlp.4`` hidden->bottleneck, L2 normalisation,
+then a weight-normalised, bias-free ``last_layer`` (``weight_g [K, 1]``, ``weight_v [K, bottleneck]``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class HeadConfig(BaseModel):
+    """Shape of a DINO/iBOT head. Defaults are the official ones (K = 65536, 2048 hidden, 256 bottleneck)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    in_dim: int = Field(..., gt=0)
+    out_dim: int = Field(65536, gt=0, description="Number of prototypes K.")
+    hidden_dim: int = Field(2048, gt=0)
+    bottleneck_dim: int = Field(256, gt=0)
+    nlayers: int = Field(3, ge=1)
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer ``W[k] = g[k] * v[k] / ||v[k]||`` (legacy ``weight_norm`` over dim 0)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Effective ``[K, in_dim]`` weight."""
+        return torch._weight_norm(self.weight_v, self.weight_g, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``[..., in_dim]``. Returns ``[..., K]``."""
+        return F.linear(x, self.weight)
+
+
+class DINOHead(nn.Module):
+    """MLP -> L2-normalised bottleneck -> weight-normalised prototypes.
+
+    Args:
+        config: head shape.
+    """
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        dims = [config.in_dim] + [config.hidden_dim] * (config.nlayers - 1) + [config.bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.last_layer = WeightNormLinear(config.bottleneck_dim, config.out_dim)
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``[N, in_dim]`` (CLS or patch tokens). Returns logits ``[N, K]``."""
+        x = self.mlp(x)
+        eps = 1e-6 if x.dtype == torch.float16 else 1e-12
+        x = F.normalize(x, dim=-1, p=2, eps=eps)  # [N, bottleneck]
+        return self.last_layer(x)

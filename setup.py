@@ -1,0 +1,24 @@
+"""Maps the top-level stage folders onto the ``dinoforge.*`` namespace.
+
+The repository keeps one folder per stage (``core/``, ``pretrain/``, ...), but installing the toolkit must
+not claim generic import names such as ``core`` or ``serve``. Every folder is therefore installed as
+``dinoforge.<stage>``; ``dinoforge`` itself is an implicit namespace package.
+"""
+
+from setuptools import find_packages, setup
+
+STAGES = ("core", "pretrain", "distill", "export", "serve")
+
+packages: list[str] = []
+package_dir: dict[str, str] = {}
+for stage in STAGES:
+    package_dir[f"dinoforge.{stage}"] = stage
+    packages.append(f"dinoforge.{stage}")
+    packages += [f"dinoforge.{stage}.{sub}" for sub in find_packages(stage)]
+
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={stage_pkg: ["**/*.yaml", "**/*.json", "**/*.pbtxt", "py.typed"] for stage_pkg in packages},
+    include_package_data=True,
+)
