@@ -1,0 +1,1 @@
+"""Evaluation: k-NN, linear probe, retrieval."""

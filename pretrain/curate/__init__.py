@@ -1,0 +1,1 @@
+"""Data curation by retrieval from an uncurated pool (embed, dedup, retrieve, balance)."""

@@ -1,0 +1,5 @@
+"""Parity handlers for the pretraining fixtures (losses, masking, schedules, parameter groups, train step)."""
+
+from __future__ import annotations
+
+HANDLERS: list = []

@@ -1,0 +1,97 @@
+"""Shared pytest fixtures: paths to real data, golden fixtures and a tiny model artifact.
+
+Real data used by the tests (installed by ``make test``):
+
+* ``../shared/fixtures/dinov2/``: golden outputs of the official DINOv2 code;
+* Debian ``dataset-fashion-mnist``: ``/usr/share/datasets/fashion-mnist/*.gz``;
+* the ``foolbox`` wheel's ``data/`` folder: 20 real images each of CIFAR-10/100, ImageNet, MNIST, F-MNIST;
+* Debian ``tuxpaint-stamps-default``: labelled colour PNGs under ``/usr/share/tuxpaint/stamps``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES_DIR = Path(os.environ.get("DINOFORGE_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "dinov2"))
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")
+
+
+def _foolbox_data_dir() -> Path | None:
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """The official DINOv2 golden fixtures (``shared/fixtures/dinov2``)."""
+    if not FIXTURES_DIR.is_dir():
+        pytest.fail(f"golden fixtures not found at {FIXTURES_DIR} (set DINOFORGE_FIXTURES)")
+    return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir() -> Path:
+    """Fashion-MNIST IDX files from the Debian package."""
+    if not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.fail("Debian package dataset-fashion-mnist is not installed (run `make test`)")
+    return FMNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_images_dir() -> Path:
+    """100 real PNG images shipped in the foolbox wheel (cifar10_*, cifar100_*, imagenet_*, mnist_*, ...)."""
+    path = _foolbox_data_dir()
+    if path is None:
+        pytest.fail("foolbox sample images are missing (run `make test`)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tuxpaint_dir() -> Path:
+    """Labelled colour stamps from the Debian package tuxpaint-stamps-default."""
+    if not TUXPAINT_DIR.is_dir():
+        pytest.fail("Debian package tuxpaint-stamps-default is not installed (run `make test`)")
+    return TUXPAINT_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised ``test`` backbone (D=64, depth 2, patch 14) saved as an artifact, 56 px input."""
+    import torch
+
+    from dinoforge.core.artifact import Provenance, save_artifact
+    from dinoforge.core.backbone import build_backbone
+    from dinoforge.core.preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    model = build_backbone("test")
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    pre = PreprocessConfig(mode="center_crop", size=56, resize_size=64, patch_size=14)
+    return save_artifact(out, model, name="tiny-test", provenance=Provenance(source="random-init"),
+                         preprocessing=pre)
+
+
+@pytest.fixture(scope="session")
+def tiny_reg_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like :func:`tiny_artifact` with 4 register tokens (official register interpolation mode)."""
+    import torch
+
+    from dinoforge.core.artifact import Provenance, save_artifact
+    from dinoforge.core.backbone import build_backbone
+    from dinoforge.core.preprocess import PreprocessConfig
+
+    torch.manual_seed(1)
+    model = build_backbone("test_reg4")
+    out = tmp_path_factory.mktemp("artifacts") / "tiny_reg4"
+    pre = PreprocessConfig(mode="center_crop", size=56, resize_size=64, patch_size=14)
+    return save_artifact(out, model, name="tiny-test-reg4", provenance=Provenance(source="random-init"),
+                         preprocessing=pre)
