@@ -24,6 +24,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=_convert)
 
+    p = subparsers.add_parser("init", help="write a randomly initialised backbone as an artifact")
+    p.add_argument("arch", help="registered architecture (vits14, vitb14_reg4, test, ...)")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an architecture field, e.g. --set patch_size=4 --set img_size=28")
+    p.add_argument("--preprocess", dest="preprocess", action="append", default=[], metavar="KEY=VALUE",
+                   help="preprocessing contract field, e.g. --preprocess mode=resize --preprocess size=28")
+    p.add_argument("--name", help="model name stored in the card (default: ARCH-random)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=_init)
+
     p = subparsers.add_parser("parity", help="check dinoforge against official DINOv2 golden fixtures")
     p.add_argument("paths", type=Path, nargs="+", help="fixture directories or .pt files")
     p.add_argument("--json", type=Path, help="also write the report as JSON")
@@ -78,6 +90,27 @@ def _convert(args: argparse.Namespace) -> int:
                         preprocessing=pre, overwrite=args.overwrite)
     print(f"wrote {out} ({loaded.source_format} checkpoint, D={cfg.embed_dim}, depth={cfg.depth}, "
           f"heads={cfg.num_heads}, registers={cfg.num_register_tokens})")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    import torch
+
+    from dinoforge.core.artifact import Provenance, save_artifact
+    from dinoforge.core.backbone import BackboneConfig, build_backbone, get_arch
+    from dinoforge.core.config import apply_overrides, build_config
+    from dinoforge.core.preprocess import PreprocessConfig
+
+    arch = build_config(BackboneConfig, apply_overrides(get_arch(args.arch).model_dump(), args.overrides),
+                        source="--set")
+    pre_defaults = {"patch_size": arch.patch_size}
+    pre = build_config(PreprocessConfig, apply_overrides(pre_defaults, args.preprocess), source="--preprocess")
+    torch.manual_seed(args.seed)
+    model = build_backbone(arch)
+    prov = Provenance(source="random-init", details={"arch": args.arch, "seed": args.seed})
+    out = save_artifact(args.out, model, name=args.name or f"{args.arch}-random", provenance=prov,
+                        preprocessing=pre, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.arch}, {sum(p.numel() for p in model.parameters()):,} parameters, seed {args.seed})")
     return 0
 
 

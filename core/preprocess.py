@@ -99,7 +99,7 @@ def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEF
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image is {width}x{height} = {width * height} pixels, "
-                                       f"over the limit of {max_pixels}")
+                                       f"over the decoded-pixel limit of {max_pixels}")
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             img.load()
@@ -107,8 +107,9 @@ def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEF
             return to_rgb(img)
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError(f"image is over the decoded-pixel limit (decompression bomb guard): {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageDecodeError(f"not a decodable image: {err}") from err
     finally:
         if isinstance(source, (str, Path)):
@@ -157,7 +158,8 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
 
 def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
+    # torchvision's CenterCrop rounding (round half to even), so crops match the DINOv2 eval transform.
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     return x[..., top:top + size, left:left + size]
 
 

@@ -104,7 +104,11 @@ class DinoVisionTransformer(VisionTransformer):
         Returns:
             ``[B, 1 + R + h*w, D]``.
         """
-        x = self.patch_embed(x)  # [B, h, w, D]
+        h_px, w_px = x.shape[-2] // self.patch_size * self.patch_size, x.shape[-1] // self.patch_size * self.patch_size
+        if h_px == 0 or w_px == 0:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than one {self.patch_size}px patch")
+        # Like a stride-p convolution, ignore the bottom/right remainder instead of asserting divisibility.
+        x = self.patch_embed(x[..., :h_px, :w_px])  # [B, h, w, D]
         if masks is not None:
             batch, h, w, dim = x.shape
             if masks.shape != (batch, h * w):

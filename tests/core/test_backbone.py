@@ -1,0 +1,132 @@
+"""Backbone behaviour beyond the golden fixtures: timm vocabulary, masks, drop path, architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinoforge.core.backbone import ARCHITECTURES, build_backbone, drop_path_rates, get_arch
+from dinoforge.core.backbone.block import kept_rows
+from dinoforge.core.errors import ConfigError
+
+
+@pytest.fixture()
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_backbone("test_reg4").eval()
+
+
+def test_timm_vocabulary_shapes(model: torch.nn.Module) -> None:
+    x = torch.randn(3, 3, 56, 84)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (3, 1 + 4 + 4 * 6, 64)
+    assert torch.equal(model.forward_head(tokens, pre_logits=True), tokens[:, 0])
+    final, inter = model.forward_intermediates(x, indices=2)
+    assert torch.equal(final, tokens)
+    assert [t.shape for t in inter] == [(3, 64, 4, 6)] * 2
+
+
+def test_forward_dino_matches_forward_features(model: torch.nn.Module) -> None:
+    x = torch.randn(2, 3, 56, 56)
+    out = model.forward_dino(x)
+    tokens = model.forward_features(x)
+    assert torch.equal(out["x_norm_clstoken"], tokens[:, 0])
+    assert torch.equal(out["x_norm_regtokens"], tokens[:, 1:5])
+    assert torch.equal(out["x_norm_patchtokens"], tokens[:, 5:])
+
+
+def test_mask_token_replaces_patches_before_pos_embed(model: torch.nn.Module) -> None:
+    x = torch.randn(2, 3, 56, 56)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[0, :5] = True
+    with torch.no_grad():
+        model.mask_token.normal_()
+        tokens = model.prepare_tokens(x, masks)
+        plain = model.prepare_tokens(x)
+    pos = model.interpolate_pos_encoding((4, 4))[0, 1:]  # [16, D]
+    # Masked patch = mask_token + its position embedding; registers sit between CLS and patches.
+    assert torch.allclose(tokens[0, 5:10], model.mask_token + pos[:5], atol=1e-6)
+    assert torch.equal(tokens[1], plain[1])
+    assert torch.equal(tokens[0, 10:], plain[0, 10:])
+
+
+def test_registers_get_no_position_embedding(model: torch.nn.Module) -> None:
+    tokens = model.prepare_tokens(torch.randn(1, 3, 56, 56))
+    assert torch.equal(tokens[0, 1:5], model.reg_token[0])
+
+
+def test_bad_mask_shape_is_a_clear_error(model: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="masks must be"):
+        model.forward_dino(torch.randn(2, 3, 56, 56), masks=torch.zeros(2, 15, dtype=torch.bool))
+
+
+def test_list_forward_equals_separate_forwards_in_eval(model: torch.nn.Module) -> None:
+    g, loc = torch.randn(4, 3, 56, 56), torch.randn(6, 3, 28, 28)
+    out_g, out_l = model.forward_dino_list([g, loc], [None, None])
+    assert torch.allclose(out_g["x_prenorm"], model.forward_dino(g)["x_prenorm"], atol=1e-6)
+    assert torch.allclose(out_l["x_prenorm"], model.forward_dino(loc)["x_prenorm"], atol=1e-6)
+
+
+def test_efficient_drop_path_uses_row_subsets_and_scales() -> None:
+    torch.manual_seed(0)
+    model = build_backbone("test", drop_path_rate=0.5, drop_path_uniform=True).train()
+    calls: list[tuple[int, int]] = []
+
+    def sampler(batch: int, keep: int, device: torch.device) -> torch.Tensor:
+        calls.append((batch, keep))
+        return torch.arange(keep)
+
+    for blk in model.blocks:
+        blk.row_sampler = sampler
+    g, loc = torch.randn(4, 3, 56, 56), torch.randn(6, 3, 28, 28)
+    out_g, out_l = model.forward_dino_list([g, loc], [None, None])
+    # Per block: attention draws for both groups, then MLP draws for both groups.
+    assert calls == [(4, 2), (6, 3), (4, 2), (6, 3)] * 2
+    # Rows outside every subset pass through the blocks untouched (identity residual).
+    tokens = model.prepare_tokens(g)
+    assert torch.equal(out_g["x_prenorm"][3], tokens[3])
+    assert not torch.equal(out_g["x_prenorm"][0], tokens[0])
+
+
+def test_kept_rows_uses_python_float_rounding() -> None:
+    assert kept_rows(6, 0.4) == 3  # int(6 * 0.6) = int(3.5999999999999996)
+    assert kept_rows(1, 0.9) == 1
+
+
+def test_drop_path_rates_linear_and_uniform() -> None:
+    cfg = get_arch("vits14", drop_path_rate=0.4)
+    rates = drop_path_rates(cfg)
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.4) and len(rates) == 12
+    assert drop_path_rates(get_arch("vits14", drop_path_rate=0.4, drop_path_uniform=True)) == [0.4] * 12
+
+
+def test_registered_architectures_are_consistent() -> None:
+    assert get_arch("vitg14").ffn == "swiglu" and get_arch("vitg14").hidden_dim == 4096
+    assert get_arch("vitl14").embed_dim == 1024 and get_arch("vitl14").depth == 24
+    for name, cfg in ARCHITECTURES.items():
+        assert cfg.embed_dim % cfg.num_heads == 0, name
+        if cfg.num_register_tokens:
+            assert cfg.interpolate_offset == 0.0 and cfg.interpolate_antialias, name
+
+
+def test_swiglu_block_parameter_shapes() -> None:
+    model = build_backbone("test", ffn="swiglu", mlp_ratio=4.0)
+    hidden = (int(64 * 4 * 2 / 3) + 7) // 8 * 8
+    assert model.blocks[0].mlp.fc1.weight.shape == (2 * hidden, 64)
+    assert model.blocks[0].mlp.fc2.weight.shape == (64, hidden)
+
+
+def test_unknown_arch_and_bad_override() -> None:
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        get_arch("vit_huge_nope")
+    with pytest.raises(ConfigError, match="divisible"):
+        get_arch("test", num_heads=3)
+
+
+def test_frozen_patch_embed_has_no_grad() -> None:
+    model = build_backbone("test", frozen_patch_embed=True)
+    assert not any(p.requires_grad for p in model.patch_embed.parameters())
+
+
+def test_non_multiple_input_size_floors_to_patch_grid(model: torch.nn.Module) -> None:
+    assert model.forward_features(torch.randn(1, 3, 60, 71)).shape == (1, 1 + 4 + 4 * 5, 64)
