@@ -1,9 +1,101 @@
-"""Subcommand registration for this package (argparse only; work is imported when a command runs)."""
+"""``dinoforge serve`` (+ ``serve build-head``) and ``dinoforge embed``. Only argparse is imported here."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's subcommands to the ``dinoforge`` parser."""
+    """Add ``serve`` and ``embed`` to the ``dinoforge`` parser."""
+    p = subparsers.add_parser("serve", help="HTTP API: embeddings, classification, retrieval (FastAPI + uvicorn)",
+                              description="Serve a model over HTTP. `dinoforge serve build-head` builds a "
+                                          "classification head for /v1/classify.")
+    _serve_arguments(p)
+    p.set_defaults(func=_serve)
+    sub = p.add_subparsers(dest="serve_command", metavar="SUBCOMMAND")
+    h = sub.add_parser("build-head", help="build a k-NN or linear-probe head from a labelled image folder")
+    _head_arguments(h)
+    h.set_defaults(func=_build_head)
+
+    e = subparsers.add_parser("embed", help="embed images through a running `dinoforge serve`")
+    e.add_argument("images", nargs="+", type=Path, help="image files or folders (recursive)")
+    e.add_argument("--server", default="http://127.0.0.1:8000", help="server URL (default %(default)s)")
+    e.add_argument("--api-key", help="Bearer key (default: $DINOFORGE_API_KEY)")
+    e.add_argument("--out", type=Path, help="write .npy (vectors; ids in FILE.ids.txt) or .jsonl; default: "
+                                            "JSON lines on stdout")
+    e.add_argument("--pooling", choices=["cls", "mean", "cls+mean"], help="default: the model card's")
+    e.add_argument("--dimensions", type=int, help="keep the first N dimensions")
+    e.add_argument("--no-normalize", action="store_true", help="return raw (not L2-normalised) embeddings")
+    e.add_argument("--batch-size", type=int, default=32, help="images per request (default 32)")
+    e.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    e.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.set_defaults(func=_embed)
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="artifact dir, .onnx file / export dir, TensorRT engine, or (triton) "
+                                              "the Triton model dir / artifact that holds the card")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt", "triton"])
+    p.add_argument("--name", dest="model_name", help="model name reported by the API (default: card name)")
+    p.add_argument("--device", default="cpu", help="torch / TensorRT device (default cpu)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], help="accepted Bearer key (repeatable); also "
+                   "$DINOFORGE_API_KEYS (comma-separated) and --api-key-file")
+    p.add_argument("--api-key-file", type=Path, help="file with one key per line")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    p.add_argument("--max-queue-size", type=int, default=512, help="images admitted at once; beyond: 429")
+    p.add_argument("--preprocess-workers", type=int, default=2, help="decode/preprocess threads")
+    p.add_argument("--threads", dest="torch_threads", type=int, help="torch intra-op threads")
+    p.add_argument("--timeout", dest="request_timeout_s", type=float, default=60.0, help="request deadline (s)")
+    p.add_argument("--max-payload-mb", type=float, default=64.0)
+    p.add_argument("--max-images", dest="max_images_per_request", type=int, default=128)
+    p.add_argument("--max-pixels", type=int, default=64_000_000, help="decoded pixels per image")
+    p.add_argument("--head", type=Path, help="classification head dir (from `serve build-head`)")
+    p.add_argument("--index-dir", type=Path, help="retrieval index folder (created if missing)")
+    p.add_argument("--triton-url", help="Triton endpoint host:port (HTTP 8000 / gRPC 8001)")
+    p.add_argument("--triton-model", help="model name in the Triton repository")
+    p.add_argument("--triton-protocol", choices=["http", "grpc"], default="http")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _head_arguments(h: argparse.ArgumentParser) -> None:
+    h.add_argument("--model", type=Path, required=True, help="artifact directory the head is built for")
+    h.add_argument("--data", required=True, help="labelled images: a folder with one sub-folder per class, or "
+                                                 "any core.data spec (manifest:..., fmnist:train[:5000], ...)")
+    h.add_argument("--out", type=Path, required=True, help="head directory to create")
+    h.add_argument("--kind", choices=["knn", "linear"], default="knn")
+    h.add_argument("--pooling", choices=["cls", "mean", "cls+mean"], help="default: card's (k-NN) / cls+mean "
+                                                                          "(linear)")
+    h.add_argument("--k", type=int, default=20, help="k-NN neighbours (default 20)")
+    h.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (default 0.07)")
+    h.add_argument("--holdout", type=float, default=0.2, help="share of --data held out to measure accuracy")
+    h.add_argument("--epochs", type=int, default=30, help="linear probe epochs")
+    h.add_argument("--batch-size", type=int, default=64)
+    h.add_argument("--num-workers", type=int, default=0)
+    h.add_argument("--device", default="cpu")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--overwrite", action="store_true")
+    h.add_argument("--no-progress", action="store_true")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dinoforge.serve.cli import run_serve
+
+    return run_serve(args)
+
+
+def _build_head(args: argparse.Namespace) -> int:
+    from dinoforge.serve.build_head import run_build_head
+
+    return run_build_head(args)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from dinoforge.serve.cli import run_embed
+
+    return run_embed(args)

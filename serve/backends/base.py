@@ -1,0 +1,115 @@
+"""The backend interface: ``pre`` (image -> model input), ``core`` (batched inference), ``post`` (pooling).
+
+Every backend exposes the same :class:`ModelInfo` (taken from the artifact card, the ONNX metadata or the
+Triton repository) so the transport and the engine never know which runtime answers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from dinoforge.core.preprocess import PreprocessConfig, output_size, preprocess_image
+from dinoforge.serve.pooling import PoolingOptions, pool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a server must know about the model, whatever runs it.
+
+    Attributes:
+        name: model name reported by the API.
+        embed_dim: token width ``D``.
+        preprocessing: the contract images are prepared with (same as evaluation and export).
+        default_pooling: pooling used when a request names none.
+        weights_sha256: identity of the weights (heads and indexes are bound to it).
+        patch_size: backbone patch size.
+    """
+
+    name: str
+    embed_dim: int
+    preprocessing: PreprocessConfig
+    default_pooling: str = "cls"
+    weights_sha256: str = ""
+    patch_size: int = 14
+
+
+@dataclass
+class Features:
+    """Backbone outputs of a batch.
+
+    Attributes:
+        cls: ``[B, D]`` final-LayerNorm class tokens.
+        mean: ``[B, D]`` mean of the final-LayerNorm patch tokens (registers excluded).
+        patch: ``[B, N, D]`` final-LayerNorm patch tokens, or ``None`` when the runtime does not return them
+            (an ONNX graph exported without ``--patch-tokens``).
+    """
+
+    cls: torch.Tensor
+    mean: torch.Tensor
+    patch: torch.Tensor | None = None
+
+    @classmethod
+    def from_tokens(cls, cls_token: torch.Tensor, patch: torch.Tensor) -> Features:
+        """Build from CLS ``[B, D]`` and patch tokens ``[B, N, D]``."""
+        return cls(cls=cls_token, mean=patch.mean(dim=1), patch=patch)
+
+    def __len__(self) -> int:
+        return int(self.cls.shape[0])
+
+    def row(self, i: int) -> Features:
+        """Features of image ``i`` as a batch of one."""
+        patch = None if self.patch is None else self.patch[i : i + 1]
+        return Features(cls=self.cls[i : i + 1], mean=self.mean[i : i + 1], patch=patch)
+
+    @staticmethod
+    def cat(rows: list[Features]) -> Features:
+        """Concatenate batches (patch tokens kept only when every row has them with one shape)."""
+        patches = [r.patch for r in rows]
+        same = all(p is not None for p in patches) and len({tuple(p.shape[1:]) for p in patches}) == 1
+        return Features(cls=torch.cat([r.cls for r in rows]), mean=torch.cat([r.mean for r in rows]),
+                        patch=torch.cat(patches) if same else None)  # type: ignore[arg-type]
+
+
+class Backend(ABC):
+    """A runtime that turns preprocessed pixel batches into backbone features."""
+
+    #: registry name (``torch``, ``onnxruntime``, ``tensorrt``, ``triton``, ``fake``).
+    name: str = "base"
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+
+    def pre(self, image: Image.Image) -> torch.Tensor:
+        """Decoded RGB image -> float32 ``[3, H, W]`` following the model's preprocessing contract."""
+        return preprocess_image(image, self.info.preprocessing)
+
+    @abstractmethod
+    def core(self, pixels: torch.Tensor) -> Features:
+        """Run the backbone on ``[B, 3, H, W]`` preprocessed pixels (all images of one size)."""
+
+    def post(self, features: Features, options: PoolingOptions) -> torch.Tensor:
+        """Pool features into ``[B, D']`` embeddings (see :func:`dinoforge.serve.pooling.pool`)."""
+        return pool(features.cls, features.mean, options)
+
+    @property
+    def has_patch_tokens(self) -> bool:
+        """Whether :meth:`core` returns patch tokens (``return_patch_tokens`` requests need them)."""
+        return True
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Run the model once per batch size on blank images so the first request is not slow."""
+        cfg = self.info.preprocessing
+        h, w = output_size(cfg.size, cfg.size, cfg)
+        for b in batch_sizes:
+            self.core(torch.zeros(b, 3, h, w))
+
+    def close(self) -> None:
+        """Release runtime resources (sessions, connections)."""
+
+    def describe(self) -> dict[str, object]:
+        """Facts shown by ``/ready`` and logs."""
+        return {"backend": self.name, "model": self.info.name, "embed_dim": self.info.embed_dim}

@@ -1,0 +1,142 @@
+"""Shared by the backends that run an *exported* graph (ONNX Runtime, TensorRT, Triton).
+
+They all follow the I/O contract of ``docs/export.md`` (:mod:`dinoforge.export.contract`): one input
+(``pixel_values`` float32 NCHW, normalised; or ``pixels`` uint8 NHWC with the normalisation inside the graph),
+outputs ``cls_embedding [B, D]``, ``mean_embedding [B, D]`` and optionally ``patch_tokens [B, N, D]``, a
+fixed square resolution per graph, and the artifact's card in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from dinoforge.core.artifact import ModelCard
+from dinoforge.core.config import format_validation_error
+from dinoforge.core.errors import ArtifactError
+from dinoforge.core.preprocess import PreprocessConfig, pil_to_uint8, preprocess_tensor
+from dinoforge.export.contract import (CLS_OUTPUT, MEAN_OUTPUT, META_CARD, META_EXPORT, PATCH_OUTPUT)
+from dinoforge.serve.backends.base import Backend, Features, ModelInfo
+
+
+def contract_at(pre: PreprocessConfig, size: int) -> PreprocessConfig:
+    """The card's preprocessing scaled to a square graph resolution (same crop ratio).
+
+    ``patch_multiple`` contracts become a plain resize: an exported graph has one fixed input size.
+    """
+    if pre.mode == "center_crop":
+        if pre.size == size:
+            return pre
+        ratio = (pre.resize_size or pre.size) / pre.size
+        return pre.model_copy(update={"size": size, "resize_size": max(size, round(size * ratio))})
+    if pre.mode == "resize" and pre.size == size:
+        return pre
+    return pre.model_copy(update={"mode": "resize", "size": size, "resize_size": None})
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    """What serving needs to know about one exported graph.
+
+    Attributes:
+        card: the artifact's model card.
+        resolution: graph input side (square).
+        input_name: ``pixel_values`` or ``pixels``.
+        uint8_input: ``pixels`` mode (uint8 NHWC, normalisation inside the graph).
+        outputs: output names the graph provides.
+        precision: ``fp32`` / ``fp16`` / ``int8``.
+    """
+
+    card: ModelCard
+    resolution: int
+    input_name: str
+    uint8_input: bool
+    outputs: tuple[str, ...]
+    precision: str = "fp32"
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], where: str) -> GraphContract:
+        """Parse the ``dinoforge.*`` metadata keys of a graph (ONNX ``metadata_props``)."""
+        if META_EXPORT not in meta or META_CARD not in meta:
+            raise ArtifactError(f"{where} has no dinoforge export metadata ({META_EXPORT}, {META_CARD}); "
+                                "export it with `dinoforge export onnx`")
+        try:
+            export: dict[str, Any] = json.loads(meta[META_EXPORT])
+            card = ModelCard.model_validate(json.loads(meta[META_CARD]))
+        except json.JSONDecodeError as err:
+            raise ArtifactError(f"{where}: dinoforge metadata is not valid JSON: {err}") from err
+        except ValidationError as err:
+            raise ArtifactError(format_validation_error(err, f"{where} {META_CARD}")) from None
+        h, w = export["resolution"]
+        if h != w:
+            raise ArtifactError(f"{where} has a non-square input {h}x{w}; serving needs a square export "
+                                "resolution (export with --resolutions N)")
+        return cls(card=card, resolution=int(h), input_name=export["input_name"],
+                   uint8_input=export.get("input_dtype") == "uint8", outputs=tuple(export["outputs"]),
+                   precision=export.get("precision", "fp32"))
+
+    def model_info(self, name: str | None = None) -> ModelInfo:
+        """Serving view: the card with its preprocessing set to this graph's resolution."""
+        card = self.card
+        return ModelInfo(name=name or card.name, embed_dim=card.embed_dim,
+                         preprocessing=contract_at(card.preprocessing, self.resolution),
+                         default_pooling=card.default_pooling, weights_sha256=card.weights_sha256,
+                         patch_size=card.architecture.patch_size)
+
+
+class ExportedBackend(Backend):
+    """Base of graph backends: uint8 / float input preparation and output unpacking."""
+
+    def __init__(self, contract: GraphContract, name: str | None = None) -> None:
+        super().__init__(contract.model_info(name))
+        self.contract = contract
+        pre = self.info.preprocessing
+        # Same geometry, but "normalisation" to raw [0, 255] values: the graph normalises uint8 pixels itself.
+        self._pixel_contract = pre.model_copy(update={"mean": (0.0, 0.0, 0.0), "std": (1 / 255,) * 3})
+
+    def pre(self, image: Image.Image) -> torch.Tensor:
+        """float32 ``[3, H, W]`` normalised, or uint8 ``[3, H, W]`` pixels for graphs that normalise."""
+        if not self.contract.uint8_input:
+            return super().pre(image)
+        x = preprocess_tensor(pil_to_uint8(image), self._pixel_contract)  # [3, H, W] in [0, 255]
+        return x.round().clamp_(0, 255).to(torch.uint8)
+
+    def graph_input(self, pixels: torch.Tensor) -> np.ndarray:
+        """Engine batch ``[B, 3, H, W]`` -> the array the graph takes (NHWC uint8 or NCHW float32)."""
+        if self.contract.uint8_input:
+            return np.ascontiguousarray(pixels.permute(0, 2, 3, 1).numpy(), dtype=np.uint8)
+        return np.ascontiguousarray(pixels.numpy(), dtype=np.float32)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Outputs to request: the embeddings, and patch tokens when the graph has them."""
+        return [CLS_OUTPUT, MEAN_OUTPUT] + ([PATCH_OUTPUT] if self.has_patch_tokens else [])
+
+    @property
+    def has_patch_tokens(self) -> bool:
+        return PATCH_OUTPUT in self.contract.outputs
+
+    def features(self, outputs: Mapping[str, np.ndarray]) -> Features:
+        """Graph outputs -> :class:`Features` (float32 CPU tensors)."""
+        def grab(name: str) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(outputs[name], dtype=np.float32))
+
+        patch = grab(PATCH_OUTPUT) if self.has_patch_tokens else None
+        return Features(cls=grab(CLS_OUTPUT), mean=grab(MEAN_OUTPUT), patch=patch)
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        side = self.contract.resolution
+        dtype = torch.uint8 if self.contract.uint8_input else torch.float32
+        for b in batch_sizes:
+            self.core(torch.zeros(b, 3, side, side, dtype=dtype))
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "resolution": self.contract.resolution, "precision": self.contract.precision,
+                "input": self.contract.input_name}

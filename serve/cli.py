@@ -1,0 +1,119 @@
+"""Work behind ``dinoforge serve`` and ``dinoforge embed`` (imported only when those commands run)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import ValidationError
+
+from dinoforge.core.config import format_validation_error
+from dinoforge.core.errors import ConfigError, DataError
+from dinoforge.core.fileio import atomic_open, atomic_write_text
+
+if TYPE_CHECKING:
+    from dinoforge.serve.settings import ServeSettings
+
+log = logging.getLogger("dinoforge.serve")
+
+
+def _api_keys(args: argparse.Namespace) -> list[str]:
+    keys = list(args.api_key)
+    keys += [k.strip() for k in os.environ.get("DINOFORGE_API_KEYS", "").split(",") if k.strip()]
+    if args.api_key_file is not None:
+        try:
+            keys += [line.strip() for line in args.api_key_file.read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise ConfigError(f"cannot read --api-key-file {args.api_key_file}: {err}") from err
+    return keys
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """Build :class:`ServeSettings` from ``dinoforge serve`` arguments (errors name the option)."""
+    from dinoforge.serve.settings import ServeSettings
+
+    fields = {k: getattr(args, k) for k in (
+        "model", "backend", "model_name", "device", "host", "port", "max_batch_size", "max_queue_delay_ms",
+        "max_queue_size", "preprocess_workers", "torch_threads", "request_timeout_s", "max_images_per_request",
+        "max_pixels", "head", "index_dir", "triton_url", "triton_model", "triton_protocol", "warmup")}
+    fields["max_payload_bytes"] = int(args.max_payload_mb * 1024 * 1024)
+    fields["api_keys"] = _api_keys(args)
+    try:
+        return ServeSettings(**fields)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "dinoforge serve options")) from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model (fail fast, exit 2 on bad input), then serve until interrupted."""
+    from dinoforge.serve.app import load_resources
+    from dinoforge.serve.server import check_port, serve_forever
+
+    settings = settings_from_args(args)
+    if settings.model is None and settings.backend != "triton":
+        raise ConfigError("dinoforge serve needs --model (an artifact dir, an .onnx export or a TensorRT engine)")
+    if not _is_loopback(settings.host) and not settings.api_keys:
+        log.warning("binding %s without --api-key: anyone who can reach this port can use the server",
+                    settings.host)
+    check_port(settings.host, settings.port)
+    resources = load_resources(settings)  # errors here are the user's: clear message, exit 2
+    log.info("dinoforge serve: %s on http://%s:%d (docs at /docs)", resources.backend.describe(), settings.host,
+             settings.port)
+    serve_forever(settings, resources, log_level=args.log_level)
+    return 0
+
+
+def _write_output(out: Path | None, names: list[str], vectors: np.ndarray) -> None:
+    if out is None:
+        for name, vec in zip(names, vectors, strict=True):
+            sys.stdout.write(json.dumps({"id": name, "embedding": vec.tolist()}) + "\n")
+        return
+    if out.suffix == ".npy":
+        with atomic_open(out, "wb") as handle:
+            np.save(handle, vectors)
+        atomic_write_text(out.with_name(out.name + ".ids.txt"), "".join(f"{n}\n" for n in names))
+    elif out.suffix == ".jsonl":
+        atomic_write_text(out, "".join(json.dumps({"id": n, "embedding": v.tolist()}) + "\n"
+                                       for n, v in zip(names, vectors, strict=True)))
+    else:
+        raise ConfigError(f"--out {out}: use a .npy or .jsonl file")
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """Embed files/folders through a server and print or save the vectors."""
+    from dinoforge.serve.client import AsyncDinoforgeClient
+
+    if args.out is not None and args.out.suffix not in (".npy", ".jsonl"):
+        raise ConfigError(f"--out {args.out}: use a .npy or .jsonl file")
+    if args.batch_size <= 0 or args.concurrency <= 0:
+        raise ConfigError("--batch-size and --concurrency must be positive")
+    key = args.api_key or os.environ.get("DINOFORGE_API_KEY")
+
+    async def go():  # noqa: ANN202
+        async with AsyncDinoforgeClient(args.server, api_key=key, timeout=args.timeout, batch_size=args.batch_size,
+                                        concurrency=args.concurrency) as client:
+            return await client.embed(args.images, pooling=args.pooling, normalize=not args.no_normalize,
+                                      dimensions=args.dimensions, progress=not args.no_progress)
+
+    result = asyncio.run(go())
+    if len(result.names) == 0:
+        raise DataError("no images given")
+    _write_output(args.out, result.names, result.vectors)
+    if args.out is not None:
+        print(f"wrote {args.out} ({len(result.names)} x {result.vectors.shape[1]})", file=sys.stderr)
+    return 0

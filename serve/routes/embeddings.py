@@ -1,0 +1,113 @@
+"""``POST /v1/embeddings`` (JSON, OpenAI-shaped) and ``POST /v1/embeddings/upload`` (multipart files)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from dinoforge.serve.backends.base import Backend
+from dinoforge.serve.engine import EngineResult
+from dinoforge.serve.errors import InvalidInput
+from dinoforge.serve.images import check_count, decode_input
+from dinoforge.serve.pooling import PoolingOptions, pooled_dim
+from dinoforge.serve.wire import encode_vector
+from dinoforge.serve.responses import ERROR_RESPONSES, json_response, timing, validation_message
+from dinoforge.serve.schemas import EmbeddingsRequest, EmbeddingsResponse, as_list
+from dinoforge.serve.state import ServerState, get_state
+
+router = APIRouter(tags=["embeddings"])
+#: form fields accepted by the upload route besides the files
+UPLOAD_OPTIONS = ("model", "encoding_format", "dimensions", "pooling", "normalize", "return_patch_tokens")
+
+
+def pooling_options(backend: Backend, pooling: str | None, normalize: bool, dimensions: int | None) -> PoolingOptions:
+    """Validate request options against the served model (422 with a reason)."""
+    pooling = pooling or backend.info.default_pooling
+    full = pooled_dim(backend.info.embed_dim, pooling)
+    if dimensions is not None and dimensions > full:
+        raise InvalidInput(f"dimensions={dimensions} is larger than the {pooling} embedding ({full})")
+    return PoolingOptions(pooling=pooling, normalize=normalize, dimensions=dimensions)  # type: ignore[arg-type]
+
+
+def _patch_item(row_patch: np.ndarray, size: tuple[int, int], patch_size: int, fmt: str) -> dict[str, Any]:
+    grid = [size[0] // patch_size, size[1] // patch_size]
+    tokens: Any = encode_vector(row_patch.reshape(-1), "base64") if fmt == "base64" else row_patch.tolist()
+    return {"patch_tokens": tokens, "patch_grid": grid}
+
+
+async def embed_images(state: ServerState, request: Request, images: list[bytes], req: EmbeddingsRequest,
+                       start: float) -> Response:
+    """Shared body of both embedding routes."""
+    backend, _ = state.require_ready()
+    state.check_model(req.model)
+    options = pooling_options(backend, req.pooling, req.normalize, req.dimensions)
+    if req.return_patch_tokens and not backend.has_patch_tokens:
+        raise InvalidInput("return_patch_tokens: this model was exported without patch tokens "
+                           "(re-export with `dinoforge export onnx --patch-tokens`)")
+    result: EngineResult = await state.embed(request, images)
+    vectors = state.pooled(result, options)  # [n, D']
+    data = []
+    for i, vec in enumerate(vectors):
+        item: dict[str, Any] = {"object": "embedding", "index": i, "embedding": encode_vector(vec, req.encoding_format)}
+        patch = result.rows[i].patch
+        if req.return_patch_tokens and patch is not None:
+            item.update(_patch_item(patch[0].numpy(), result.sizes[i], backend.info.patch_size, req.encoding_format))
+        data.append(item)
+    p = backend.info.patch_size
+    tokens = sum(1 + (h // p) * (w // p) for h, w in result.sizes)
+    return json_response({"object": "list", "data": data, "model": state.model_name,
+                          "usage": {"images": len(images), "prompt_tokens": tokens, "total_tokens": tokens},
+                          "timing": timing(result, start)})
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERROR_RESPONSES,
+             summary="Embed images (OpenAI-shaped request and response)")
+async def embeddings(req: EmbeddingsRequest, request: Request,
+                     state: ServerState = Depends(get_state)) -> Response:
+    start = time.perf_counter()
+    state.require_ready()
+    inputs = as_list(req.input)
+    check_count(len(inputs), state.settings.max_images_per_request)
+    images = [decode_input(item, i) for i, item in enumerate(inputs)]
+    return await embed_images(state, request, images, req, start)
+
+
+async def _read_upload(request: Request, limit: int) -> tuple[list[bytes], dict[str, str]]:
+    # Files are only bounded by the body-size guard; the image count gets its own 413 below.
+    form = await request.form(max_files=10_000, max_fields=len(UPLOAD_OPTIONS) + 1)
+    files, fields = [], {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files.append(await value.read())
+        elif key in UPLOAD_OPTIONS:
+            fields[key] = value
+        else:
+            raise InvalidInput(f"unknown form field {key!r}; options are {', '.join(UPLOAD_OPTIONS)}")
+    check_count(len(files), limit)
+    for i, data in enumerate(files):
+        if not data:
+            raise InvalidInput(f"input[{i}]: empty file")
+    return files, fields
+
+
+@router.post("/v1/embeddings/upload", response_model=EmbeddingsResponse, responses=ERROR_RESPONSES,
+             summary="Embed uploaded image files (multipart/form-data; options as form fields)",
+             openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
+                 "type": "object", "properties": {
+                     "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                     **{k: {"type": "string"} for k in UPLOAD_OPTIONS}}}}}, "required": True}})
+async def embeddings_upload(request: Request, state: ServerState = Depends(get_state)) -> Response:
+    start = time.perf_counter()
+    state.require_ready()
+    files, fields = await _read_upload(request, state.settings.max_images_per_request)
+    try:
+        req = EmbeddingsRequest.model_validate({"input": [], **fields})
+    except ValidationError as err:
+        raise InvalidInput(validation_message(err)) from None
+    return await embed_images(state, request, files, req, start)

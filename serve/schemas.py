@@ -1,0 +1,165 @@
+"""Request and response models of the HTTP API (OpenAI-shaped embeddings, TEI/infinity conventions).
+
+Requests forbid unknown keys, so a misspelt option is a 422 naming it instead of being silently ignored.
+Responses are documented here (OpenAPI under ``/docs``) but serialised directly with ``json`` for speed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dinoforge.serve.pooling import Pooling
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+ImageInput = str
+Inputs = ImageInput | list[ImageInput]
+
+
+class EmbeddingsRequest(_Request):
+    """``POST /v1/embeddings``: images as base64 strings or ``data:image/...;base64,`` URIs."""
+
+    input: Inputs = Field(..., description="one image or a list of images (base64 or data URI; no URLs)")
+    model: str | None = Field(None, description="must name the served model when given")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, gt=0, description="keep the first N dimensions (before normalising)")
+    pooling: Pooling | None = Field(None, description="cls, mean (patch tokens) or cls+mean; default: card's")
+    normalize: bool = True
+    return_patch_tokens: bool = False
+    user: str | None = Field(None, description="accepted for OpenAI compatibility; ignored")
+
+
+class Timing(BaseModel):
+    """Where a request's time went, in milliseconds."""
+
+    queue_ms: float
+    preprocess_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+    patch_tokens: list[list[float]] | str | None = Field(None, description="[N, D] (base64: flattened)")
+    patch_grid: list[int] | None = Field(None, description="[h, w] of the patch tokens")
+
+
+class Usage(BaseModel):
+    images: int
+    prompt_tokens: int = Field(..., description="tokens the backbone processed (CLS + patches) per request")
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: Usage
+    timing: Timing
+
+
+class ClassifyRequest(_Request):
+    """``POST /v1/classify``: top-k labels from the server's classification head."""
+
+    input: Inputs
+    model: str | None = None
+    top_k: int = Field(5, gt=0)
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyItem(BaseModel):
+    index: int
+    predictions: list[Prediction]
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ClassifyItem]
+    model: str
+    head: dict[str, Any]
+    timing: Timing
+
+
+class IndexItem(_Request):
+    id: str | None = Field(None, min_length=1, max_length=512, description="default: a new UUID")
+    image: ImageInput
+    metadata: dict[str, Any] = Field(default_factory=dict, description="any JSON object, returned by search")
+
+
+class IndexAddRequest(_Request):
+    """``POST /v1/index``: add (or replace, for an existing id) images in the retrieval index."""
+
+    items: list[IndexItem]
+    model: str | None = None
+
+
+class IndexAddResponse(BaseModel):
+    ids: list[str]
+    added: int
+    replaced: int
+    count: int
+    timing: Timing
+
+
+class IndexDeleteResponse(BaseModel):
+    deleted: str
+    count: int
+
+
+class IndexInfo(BaseModel):
+    count: int
+    dim: int
+    kind: str
+    pooling: str
+    model_sha256: str
+
+
+class SearchRequest(_Request):
+    """``POST /v1/search``: nearest indexed images of each query image."""
+
+    input: Inputs
+    model: str | None = None
+    top_k: int = Field(10, gt=0)
+
+
+class Match(BaseModel):
+    id: str
+    score: float = Field(..., description="cosine similarity")
+    metadata: dict[str, Any]
+
+
+class SearchItem(BaseModel):
+    index: int
+    matches: list[Match]
+
+
+class SearchResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SearchItem]
+    timing: Timing
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def as_list(inputs: Inputs) -> list[str]:
+    """One image or a list of images -> a list."""
+    return [inputs] if isinstance(inputs, str) else list(inputs)
