@@ -30,6 +30,10 @@ class ImageDecodeError(DinoforgeError):
     """Bytes that are not a decodable image, or an image beyond the configured limits."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image whose decoded size exceeds the pixel limit (decompression-bomb guard)."""
+
+
 class DataError(DinoforgeError):
     """A data source that cannot be opened (missing folder, unreadable manifest, bad shard)."""
 

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field, model_validator
 
 from dinoforge.core.config import StrictModel
-from dinoforge.core.errors import ImageDecodeError
+from dinoforge.core.errors import ImageDecodeError, ImageTooLargeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,7 +83,8 @@ def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEF
     """Decode an image to RGB, applying EXIF orientation and the first frame of animations.
 
     Raises:
-        ImageDecodeError: not an image, unsupported format, truncated data, or more than ``max_pixels``.
+        ImageTooLargeError: more than ``max_pixels`` decoded pixels (a subclass of ImageDecodeError).
+        ImageDecodeError: not an image, unsupported format, truncated data.
     """
     try:
         handle: BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else \
@@ -98,7 +99,7 @@ def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEF
                 raise ImageDecodeError(f"unsupported image format {img.format}")
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageDecodeError(f"image is {width}x{height} = {width * height} pixels, "
+                raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, "
                                        f"over the decoded-pixel limit of {max_pixels}")
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
@@ -108,7 +109,7 @@ def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEF
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageDecodeError(f"image is over the decoded-pixel limit (decompression bomb guard): {err}") from err
+        raise ImageTooLargeError(f"image is over the decoded-pixel limit (decompression bomb guard): {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageDecodeError(f"not a decodable image: {err}") from err
     finally:

@@ -11,9 +11,8 @@ import binascii
 import re
 
 import torch
-from PIL import Image
 
-from dinoforge.core.errors import ImageDecodeError
+from dinoforge.core.errors import ImageDecodeError, ImageTooLargeError
 from dinoforge.core.preprocess import decode_image
 from dinoforge.serve.backends.base import Backend
 from dinoforge.serve.errors import InvalidInput, PayloadTooLarge
@@ -71,12 +70,6 @@ def check_count(n: int, limit: int) -> None:
                               "(split the request)")
 
 
-def _is_pixel_limit(err: ImageDecodeError) -> bool:
-    # Our own limit, or PIL's bomb guard that fires inside Image.open before ours can.
-    bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
-    return isinstance(err.__cause__, bomb) or "pixel limit" in str(err) or "over the limit" in str(err)
-
-
 def prepare(data: bytes, index: int, backend: Backend, max_pixels: int) -> torch.Tensor:
     """Decode + preprocess one image (runs in the engine's worker pool).
 
@@ -89,9 +82,8 @@ def prepare(data: bytes, index: int, backend: Backend, max_pixels: int) -> torch
     """
     try:
         image = decode_image(data, max_pixels=max_pixels)
+    except ImageTooLargeError as err:
+        raise PayloadTooLarge(f"input[{index}]: {err}") from None
     except ImageDecodeError as err:
-        message = f"input[{index}]: {err}"
-        if _is_pixel_limit(err):
-            raise PayloadTooLarge(message) from None
-        raise InvalidInput(message) from None
+        raise InvalidInput(f"input[{index}]: {err}") from None
     return backend.pre(image)

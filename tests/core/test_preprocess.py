@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinoforge.core.errors import ImageDecodeError
+from dinoforge.core.errors import ImageDecodeError, ImageTooLargeError
 from dinoforge.core.preprocess import (
     PreprocessConfig,
     decode_image,
@@ -123,9 +123,9 @@ def test_bad_inputs_raise_image_decode_error(sample_images_dir: Path) -> None:
         decode_image(b"")
     with pytest.raises(ImageDecodeError):
         decode_image(b"%PDF-1.4 not an image")
-    with pytest.raises(ImageDecodeError, match="decoded-pixel limit"):
+    with pytest.raises(ImageTooLargeError, match="decoded-pixel limit"):
         decode_image(_png_header_only(40000, 40000))
-    with pytest.raises(ImageDecodeError, match="decoded-pixel limit"):
+    with pytest.raises(ImageTooLargeError, match="decoded-pixel limit"):
         decode_image(_png_header_only(5000, 5000), max_pixels=1_000_000)
     with pytest.raises(ImageDecodeError, match="cannot open"):
         decode_image(sample_images_dir / "missing.png")
