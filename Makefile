@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 DEB_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default
 INSTALL_STAMP := $(VENV)/.install-stamp
 
-.PHONY: all install data demo test test-fast bench clean help
+.PHONY: all install data demo test test-fast bench clean help triton-env
 
 help:
 	@echo "make demo   - run the end-to-end demo on real data (installs what it needs)"
@@ -35,7 +35,7 @@ data:
 demo: install data
 	$(BIN)/python -m dinoforge.core.demo
 
-test: install data
+test: install data triton-env
 	$(BIN)/python -m pytest
 
 test-fast: install data
@@ -44,6 +44,10 @@ test-fast: install data
 bench: install data
 	$(BIN)/python -m pytest --co -q >/dev/null
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# Isolated venv with a real tritonserver (nvidia-pytriton pins numpy<2, so never in .venv) for export tests.
+triton-env:
+	PYTHON=$(PYTHON) bash export/triton_env.sh .venv-triton || echo "warning: .venv-triton could not be created; the tritonserver integration test will be skipped"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,117 @@
+"""An export-friendly view of a :class:`DinoVisionTransformer` for one fixed input resolution.
+
+What differs from the training module, and why:
+
+* the position embedding is resampled once, with the official code, for the declared resolution and stored
+  as a constant — the register models' bicubic *antialiased* resize would otherwise appear as a ``Resize``
+  node that the legacy exporter cannot write and TensorRT cannot build;
+* attention is written out (``MatMul``/``Softmax``/``MatMul``) so precision can be chosen per op;
+* in fp16 every LayerNorm and Softmax runs in fp32 between explicit casts (fp16 LayerNorm statistics
+  overflow on large activations), while weights, matmuls and the residual stream are fp16;
+* inputs and outputs stay float32 (or uint8 pixels) for every precision, so the I/O contract never changes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinoforge.core.backbone import DinoVisionTransformer
+from dinoforge.core.preprocess import PreprocessConfig
+
+
+class ExportableViT(nn.Module):
+    """Fixed-resolution, exporter-friendly forward of a DINOv2 backbone.
+
+    Args:
+        backbone: the trained backbone (not modified; a copy is kept).
+        resolution: input ``(H, W)``; multiples of the patch size.
+        dtype: compute dtype (``torch.float32`` or ``torch.float16``).
+        preprocess: when given, the module takes uint8 ``[B, H, W, 3]`` pixels and normalises them with this
+            contract (``core.preprocess.normalize``) instead of float ``[B, 3, H, W]``.
+        patch_tokens: also return the normalised patch tokens.
+    """
+
+    def __init__(self, backbone: DinoVisionTransformer, resolution: tuple[int, int], *,
+                 dtype: torch.dtype = torch.float32, preprocess: PreprocessConfig | None = None,
+                 patch_tokens: bool = False) -> None:
+        super().__init__()
+        cfg = backbone.config
+        h, w = resolution
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(f"resolution {resolution} is not a multiple of the patch size {cfg.patch_size}")
+        self.grid = (h // cfg.patch_size, w // cfg.patch_size)
+        self.resolution = (h, w)
+        self.compute_dtype = dtype
+        self.num_prefix = backbone.num_prefix_tokens
+        self.return_patches = patch_tokens
+        model = copy.deepcopy(backbone).eval().float()
+        with torch.no_grad():
+            pos = model.interpolate_pos_encoding(self.grid).detach().clone()  # [1, 1 + h*w, D]
+        self.register_buffer("pos_embed", pos.to(dtype), persistent=False)
+        self.patch_proj = model.patch_embed.proj
+        self.cls_token = model.cls_token
+        self.reg_token = model.reg_token
+        self.blocks = model.blocks
+        self.norm = model.norm
+        self.to(dtype)
+        for module in self.modules():  # LayerNorms stay fp32: their statistics overflow in fp16
+            if isinstance(module, nn.LayerNorm):
+                module.float()
+        self.embed_preprocessing = preprocess is not None
+        if preprocess is not None:
+            self.register_buffer("pixel_mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("pixel_std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
+
+    def _normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        # Same operation order as core.preprocess.normalize: float, /255, -mean, /std.
+        x = pixels.permute(0, 3, 1, 2).float()  # [B, 3, H, W]
+        return (x / 255.0 - self.pixel_mean) / self.pixel_std
+
+    def _layer_norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return norm(x.float()).to(self.compute_dtype)
+
+    def _attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``[B, N, D]`` in compute dtype. Returns ``[B, N, D]``."""
+        batch, tokens, dim = x.shape
+        heads = attn.num_heads
+        qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, heads, N, d]
+        scores = (q * attn.scale) @ k.transpose(-2, -1)  # [B, heads, N, N]
+        probs = scores.float().softmax(dim=-1).to(self.compute_dtype)
+        out = (probs @ v).transpose(1, 2).reshape(batch, tokens, dim)  # [B, N, D]
+        return attn.proj(out)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``[B, 3, H, W]`` float32. Returns ``[B, 1 + R + h*w, D]`` in compute dtype."""
+        x = F.conv2d(x.to(self.compute_dtype), self.patch_proj.weight, self.patch_proj.bias,
+                     stride=self.patch_proj.stride)  # [B, D, h, w]
+        x = x.flatten(2).transpose(1, 2)  # [B, h*w, D]
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed
+        if self.reg_token is not None:
+            regs = self.reg_token.expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], regs, x[:, 1:]], dim=1)
+        return x
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Args:
+            x: float32 ``[B, 3, H, W]`` normalised pixels, or uint8 ``[B, H, W, 3]`` with embedded preprocessing.
+
+        Returns:
+            ``cls_embedding [B, D]``, ``mean_embedding [B, D]`` and, if requested, ``patch_tokens [B, h*w, D]``,
+            all float32.
+        """
+        if self.embed_preprocessing:
+            x = self._normalize_pixels(x)
+        x = self._tokens(x)
+        for blk in self.blocks:
+            x = x + blk.ls1(self._attention(blk.attn, self._layer_norm(blk.norm1, x)))
+            x = x + blk.ls2(blk.mlp(self._layer_norm(blk.norm2, x)))
+        x = self.norm(x.float())  # [B, 1 + R + h*w, D] fp32
+        patches = x[:, self.num_prefix:]  # [B, h*w, D]
+        outputs = (x[:, 0], patches.mean(dim=1))
+        return outputs + (patches,) if self.return_patches else outputs
