@@ -1,0 +1,187 @@
+"""The distillation recipe schema (:class:`DistillConfig`), loaded from YAML with ``key=value`` overrides.
+
+A distillation recipe is a pretraining recipe whose ``model`` section is replaced by a frozen ``teacher``, a
+list of ``students`` and the loss settings of the chosen ``mode``; every other section (``crops``,
+``masking``, ``data``, ``schedule``, ``optim``, ``train``, ``parallel``, ``checkpoint``, ``monitor``, ``knn``,
+``spike``, ``artifact``) is the pretraining one and means the same thing. Unknown keys are errors naming the
+key; the resolved recipe is saved as ``RUN_DIR/config.yaml``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from dinoforge.core.backbone import BackboneConfig, get_arch
+from dinoforge.core.config import StrictModel, load_config
+from dinoforge.core.errors import ConfigError
+from dinoforge.pretrain.augment import CropsConfig
+from dinoforge.pretrain.config import (
+    ArtifactConfig,
+    CheckpointConfig,
+    DataConfig,
+    KnnConfig,
+    MaskingConfig,
+    MonitorConfig,
+    OptimConfig,
+    TrainConfig,
+)
+from dinoforge.pretrain.parallelize import ParallelConfig
+from dinoforge.pretrain.schedules import ScheduleConfig
+from dinoforge.pretrain.spikes import SpikeConfig
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+Mode = Literal["head", "feature"]
+
+
+class TeacherConfig(StrictModel):
+    """The frozen teacher: a model artifact (with heads for ``mode: head``), an official DINOv2 ``.pth`` or a
+    timm checkpoint (head-less: ``mode: feature``)."""
+
+    path: str = Field(..., description="artifact directory or .pth / .pt / .bin / .safetensors checkpoint")
+    arch: str | None = Field(None, description="checkpoints: registered architecture for what shapes cannot tell")
+    num_heads: int | None = Field(None, gt=0, description="checkpoints: attention heads (default width / 64)")
+    patch_size: int | None = Field(None, gt=0, description="checkpoints: patch size (checked against the kernel)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 casts the teacher's weights (half memory)")
+
+
+class StudentConfig(StrictModel):
+    """One student. Its architecture is ``arch`` (a registered name) with ``backbone`` fields replaced, or a
+    full ``backbone`` mapping, or (with neither) the architecture of the ``init`` artifact/checkpoint."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="identifier; names outputs and metrics")
+    arch: str | None = None
+    backbone: dict[str, Any] = Field(default_factory=dict, description="BackboneConfig fields")
+    init: str | None = Field(None, description="initialise the backbone from this artifact or checkpoint")
+    seed: int | None = Field(None, description="initialisation seed (default: the run seed)")
+
+    @model_validator(mode="after")
+    def _check_arch(self) -> StudentConfig:
+        if self.arch is None and not self.backbone and self.init is None:
+            raise ValueError(f"student {self.name!r}: give arch, backbone or init")
+        if self.arch is not None or self.backbone:
+            self.backbone_config()  # raises with the offending field named
+        return self
+
+    def backbone_config(self, fallback: BackboneConfig | None = None) -> BackboneConfig:
+        """The student architecture (``fallback``: the init model's, used when neither arch nor backbone is set)."""
+        if self.arch is None and not self.backbone:
+            if fallback is None:
+                raise ConfigError(f"student {self.name!r}: no architecture (give arch or backbone)")
+            return fallback
+        try:
+            if self.arch is not None:
+                return get_arch(self.arch, **self.backbone)
+            return BackboneConfig(**self.backbone)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"student {self.name!r}: invalid backbone: {err}") from None
+
+
+class HeadModeConfig(StrictModel):
+    """``mode: head`` (DINOv2 paper): DINO + iBOT + KoLeo against the frozen heads' normalised targets."""
+
+    centering: Literal["centering", "sinkhorn_knopp"] = "sinkhorn_knopp"
+    sinkhorn_iterations: int = Field(3, ge=1)
+    dino_loss_weight: float = Field(1.0, ge=0)
+    ibot_loss_weight: float = Field(1.0, ge=0)
+    koleo_loss_weight: float = Field(0.1, ge=0)
+    student_temp: float = Field(0.1, gt=0)
+    center_momentum: float = Field(0.9, ge=0, le=1)
+    student_masking: bool = Field(False, description="false (paper): iBOT on every patch of unmasked global "
+                                  "crops; true: pretraining-style masked tokens (masking section)")
+    hidden_dim: int | None = Field(None, gt=0, description="student head width (default: the teacher's)")
+    bottleneck_dim: int | None = Field(None, gt=0, description="student head bottleneck (default: the teacher's)")
+    nlayers: int | None = Field(None, ge=1, description="student head depth (default: the teacher's)")
+
+    @model_validator(mode="after")
+    def _check_losses(self) -> HeadModeConfig:
+        if self.dino_loss_weight == 0 and self.ibot_loss_weight == 0:
+            raise ValueError("dino_loss_weight and ibot_loss_weight are both 0: nothing to train")
+        return self
+
+
+class FeatureModeConfig(StrictModel):
+    """``mode: feature`` (head-free): match CLS and patch tokens through an adaptor."""
+
+    cls_cosine_weight: float = Field(1.0, ge=0)
+    cls_smooth_l1_weight: float = Field(1.0, ge=0)
+    patch_cosine_weight: float = Field(1.0, ge=0)
+    patch_smooth_l1_weight: float = Field(1.0, ge=0)
+    smooth_l1_beta: float = Field(1.0, gt=0)
+    adaptor: Literal["auto", "linear", "mlp", "none"] = Field(
+        "auto", description="auto: linear when the widths differ, nothing when they are equal")
+    adaptor_hidden_dim: int | None = Field(None, gt=0, description="mlp adaptor width (default: 2 x teacher's)")
+    local_crops: bool = Field(True, description="also distil on the local crops (teacher sees them too)")
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> FeatureModeConfig:
+        if not any((self.cls_cosine_weight, self.cls_smooth_l1_weight, self.patch_cosine_weight,
+                    self.patch_smooth_l1_weight)):
+            raise ValueError("every feature loss weight is 0: nothing to train")
+        return self
+
+
+class DistillConfig(StrictModel):
+    """A complete distillation recipe."""
+
+    run_dir: str = Field(..., description="outputs: config.yaml, metrics.jsonl, checkpoints/, artifacts/NAME/")
+    seed: int = 0
+    mode: Mode = "head"
+    teacher: TeacherConfig
+    students: list[StudentConfig] = Field(..., min_length=1)
+    grid_resample: Literal["area", "bilinear"] = Field(
+        "area", description="how the teacher's patch grid is brought onto a student's grid when they differ")
+    head: HeadModeConfig = Field(default_factory=HeadModeConfig)
+    feature: FeatureModeConfig = Field(default_factory=FeatureModeConfig)
+    crops: CropsConfig = Field(default_factory=CropsConfig)
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+    knn_teacher: bool = Field(True, description="also k-NN the frozen teacher (once), the students' reference")
+    spike: SpikeConfig = Field(default_factory=SpikeConfig)
+    artifact: ArtifactConfig = Field(default_factory=ArtifactConfig)
+
+    @model_validator(mode="after")
+    def _check_students(self) -> DistillConfig:
+        names = [s.name for s in self.students]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"student names must be unique; repeated: {duplicates}")
+        return self
+
+    def global_batch_size(self, world_size: int) -> int:
+        """Images per optimizer step over all processes."""
+        return self.data.batch_size * self.data.grad_accum * world_size
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: a path, or the name of a bundled distillation recipe (``tiny``, ``fmnist`` ...)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    bundled = RECIPES_DIR / f"{name_or_path}.yaml"
+    return bundled if bundled.is_file() else path
+
+
+def load_distill_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> DistillConfig:
+    """Load a recipe (file path or bundled name) with ``key=value`` overrides.
+
+    Raises:
+        ConfigError: missing file, unknown key (named), or invalid value.
+    """
+    path = resolve_recipe(recipe) if recipe is not None else None
+    return load_config(DistillConfig, path, overrides)
+
+
+def bundled_recipes() -> list[str]:
+    """Names of the distillation recipes shipped with dinoforge."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))

@@ -1,0 +1,140 @@
+"""The frozen teacher: loaded from an artifact (backbone + heads) or a head-less official / timm checkpoint.
+
+The teacher never trains: parameters have ``requires_grad=False``, it stays in eval mode (no drop path), its
+forward runs under ``torch.no_grad`` and, with ``precision: bf16``, its weights are stored in bfloat16 (half
+the memory) while its outputs are returned in float32. Every backbone pass is counted
+(:attr:`FrozenTeacher.forward_passes`): several students share one pass per micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dinoforge.core.artifact import ModelCard, is_artifact, load_artifact
+from dinoforge.core.backbone import BackboneConfig, DinoFeatures, DinoVisionTransformer
+from dinoforge.core.checkpoint import load_backbone
+from dinoforge.core.errors import CheckpointError, ConfigError
+from dinoforge.distill.config import TeacherConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """Where the teacher came from (recorded in every student artifact's provenance).
+
+    Attributes:
+        path: what ``teacher.path`` named.
+        kind: ``artifact`` or the checkpoint's naming convention (``official``, ``timm``, ``dinoforge``).
+        sha256: the artifact's ``weights_sha256``, or the checkpoint file's SHA-256.
+        name: the artifact's model name, or the file name.
+        num_parameters: backbone parameters.
+    """
+
+    path: str
+    kind: str
+    sha256: str
+    name: str
+    num_parameters: int
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen backbone and (optionally) its DINO / iBOT heads.
+
+    Args:
+        backbone: the teacher backbone.
+        heads: ``{"dino_head": ..., "ibot_head": ...}`` (empty for head-less checkpoints).
+        precision: ``fp32`` or ``bf16`` weights.
+
+    Attributes:
+        parts: ``ModuleDict`` with ``backbone`` and the heads (the pretraining ``teacher`` layout).
+        forward_passes: number of backbone passes run so far (one per crop group).
+    """
+
+    def __init__(self, backbone: DinoVisionTransformer, heads: dict[str, nn.Module],
+                 precision: str = "fp32") -> None:
+        super().__init__()
+        self.dtype = _DTYPES[precision]
+        self.parts = nn.ModuleDict({"backbone": backbone, **heads})
+        self.parts.to(self.dtype).requires_grad_(False).eval()
+        self.forward_passes = 0
+
+    @property
+    def backbone(self) -> DinoVisionTransformer:
+        """The frozen backbone."""
+        return self.parts["backbone"]  # type: ignore[return-value]
+
+    @property
+    def config(self) -> BackboneConfig:
+        """The backbone's :class:`~dinoforge.core.backbone.BackboneConfig`."""
+        return self.backbone.config
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """Names of the heads the teacher carries."""
+        return tuple(k for k in self.parts if k != "backbone")
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        """The teacher always stays in eval mode."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def features(self, crops: Sequence[torch.Tensor]) -> list[DinoFeatures]:
+        """Backbone tokens of several crop groups in one list pass (groups never attend to each other).
+
+        Args:
+            crops: groups ``[B_g, 3, H_g, W_g]``.
+
+        Returns:
+            One :class:`DinoFeatures` per group, float32: ``x_norm_clstoken [B_g, D]``,
+            ``x_norm_patchtokens [B_g, h*w, D]`` ...
+        """
+        self.forward_passes += len(crops)
+        outs = self.backbone.forward_dino_list([c.to(self.dtype) for c in crops], [None] * len(crops))
+        return [{k: v.float() if torch.is_tensor(v) else v for k, v in o.items()} for o in outs]  # type: ignore[misc]
+
+    @torch.no_grad()
+    def head(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, K]`` (float32) of head ``name`` on tokens ``[N, D]``."""
+        return self.parts[name](tokens.to(self.dtype)).float()
+
+
+def _info_from_card(path: Path, card: ModelCard) -> TeacherInfo:
+    return TeacherInfo(path=str(path), kind="artifact", sha256=card.weights_sha256, name=card.name,
+                       num_parameters=card.num_parameters)
+
+
+def load_teacher(cfg: TeacherConfig) -> tuple[FrozenTeacher, TeacherInfo]:
+    """Load and freeze the teacher named by the recipe (on CPU; the trainer moves it).
+
+    Raises:
+        CheckpointError / ArtifactError: the path does not hold a loadable model.
+    """
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"teacher.path {cfg.path} does not exist (give a model artifact directory or an "
+                              "official / timm checkpoint file)")
+    if path.is_dir() and is_artifact(path):
+        art = load_artifact(path)
+        teacher = FrozenTeacher(art.backbone, dict(art.heads), cfg.precision)
+        return teacher, _info_from_card(path, art.card)
+    loaded = load_backbone(path, num_heads=cfg.num_heads, patch_size=cfg.patch_size, arch=cfg.arch)
+    info = TeacherInfo(path=str(path), kind=loaded.source_format, sha256=loaded.sha256, name=path.name,
+                       num_parameters=sum(p.numel() for p in loaded.backbone.parameters()))
+    return FrozenTeacher(loaded.backbone, {}, cfg.precision), info
+
+
+def require_heads(teacher: FrozenTeacher, info: TeacherInfo) -> None:
+    """Head-based distillation needs the teacher's DINO head.
+
+    Raises:
+        ConfigError: the teacher has no ``dino_head`` (official and timm checkpoints never have one).
+    """
+    if "dino_head" not in teacher.head_names:
+        raise ConfigError(f"mode: head needs a teacher with a DINO head, but {info.path} ({info.kind}) has none; "
+                          "use mode: feature for head-less teachers (official DINOv2 and timm weights)")
