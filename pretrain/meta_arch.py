@@ -149,15 +149,18 @@ class SSLMetaArch(nn.Module):
     Args:
         config: model side of the recipe.
         teacher: optional frozen teacher with the student's keys (default: an EMA copy of the student).
+        student: optional existing student modules (default: built from ``config``); distillation passes its
+            own (possibly DDP/FSDP-wrapped) modules to reuse the student pass and the losses.
     """
 
-    def __init__(self, config: MetaArchConfig, *, teacher: nn.ModuleDict | None = None) -> None:
+    def __init__(self, config: MetaArchConfig, *, teacher: nn.ModuleDict | None = None,
+                 student: nn.ModuleDict | None = None) -> None:
         super().__init__()
         self.config = config
         self.do_dino = config.dino_loss_weight > 0
         self.do_ibot = config.ibot_loss_weight > 0
         self.do_koleo = config.koleo_loss_weight > 0
-        self.student = build_student(config)
+        self.student = student if student is not None else build_student(config)
         self.teacher = teacher.requires_grad_(False) if teacher is not None else ema_teacher_from(self.student, config)
         self.teacher.eval()
         self.dino_centering = Centering(config.dino_head.out_dim, shape_prefix=(1,),

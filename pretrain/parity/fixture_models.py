@@ -61,17 +61,22 @@ def split_official_names(names: list[str]) -> dict[str, list[str]]:
 
 def load_official_student(model: SSLMetaArch, fixture: Mapping[str, Any], prefix: str = "student_init/") -> None:
     """Load official-named student weights into student *and* teacher (the teacher starts as a copy)."""
+    for tree in (model.student, model.teacher):
+        load_official_tree(tree, fixture, prefix)
+
+
+def load_official_tree(tree: torch.nn.ModuleDict, fixture: Mapping[str, Any], prefix: str) -> None:
+    """Load the official-named tensors ``<prefix><sub>.<name>`` into one student/teacher tree."""
     names = list(fixture["student_param_names"])
     for sub, subnames in split_official_names(names).items():
         state = {n: fixture[f"{prefix}{sub}.{n}"] for n in subnames}
         if sub == "backbone":
             state = to_dinoforge(state, source="official")
-        for tree in (model.student, model.teacher):
-            target = tree[sub].state_dict()
-            missing = set(target) - set(state)
-            if missing:
-                raise DataError(f"fixture lacks {sub} tensors {sorted(missing)[:3]}")
-            tree[sub].load_state_dict({k: state[k] for k in target})
+        target = tree[sub].state_dict()
+        missing = set(target) - set(state)
+        if missing:
+            raise DataError(f"fixture lacks {sub} tensors {sorted(missing)[:3]}")
+        tree[sub].load_state_dict({k: state[k] for k in target})
 
 
 def official_name_map(module_tree: torch.nn.ModuleDict) -> dict[str, str]:

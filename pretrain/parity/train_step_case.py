@@ -32,6 +32,7 @@ from dinoforge.pretrain.parity.base import GuardedHandler
 from dinoforge.pretrain.parity.fixture_models import (
     config_value,
     load_official_student,
+    load_official_tree,
     meta_arch_config,
     official_name_map,
     official_named,
@@ -94,6 +95,11 @@ class TrainStepHandler(GuardedHandler):
                 optimizer = optimizer or build_optimizer(model.get_params_groups(**_group_args(fixture)),
                                                          **_adamw_args(fixture))
                 checks += self._update(model, optimizer, fixture, step, source, tol, stored_grads=False)
+                # The next step starts from the reference weights: chained float32 gradients legitimately move
+                # near-zero-gradient elements by a few % of lr (README's AdamW note), which would otherwise be
+                # billed to the next step's forward. Centres and optimizer moments carry on as ours.
+                load_official_tree(model.student, fixture, f"student_after_{step}/")
+                load_official_tree(model.teacher, fixture, f"teacher_after_{step}/")
         if "droppath_step0/num_droppath_draws" in fixture:
             checks += self._droppath(fixture, source, tol)
         return checks
