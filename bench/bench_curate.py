@@ -1,4 +1,4 @@
-"""Curation benchmarks (results go to docs/benchmarks/curation.md).
+"""Curation benchmarks (results go to docs/benchmarks.md#curation).
 
     python bench/bench_curate.py scale  [--rows 1000000 --dim 384 --seeds 10000]   # self-dedup + retrieval
     python bench/bench_curate.py copies [--pool 20000 --originals 1000 --epochs 10]  # copy detection

@@ -18,7 +18,7 @@ Usage::
 60k / 10k sets for the pretrained teacher, the *same network at initialisation* (the run's step-0 teacher,
 rebuilt from the recipe and seed) and raw pixels, with every pooling, and prints one table.
 
-Results (with machine, versions and command) go to ``docs/benchmarks/pretrain.md``.
+Results (with machine, versions and command) go to ``docs/benchmarks.md#pretraining``.
 """
 
 from __future__ import annotations
@@ -118,10 +118,12 @@ def _initial_teacher(run_dir: Path) -> Path:
                          preprocessing=pre, overwrite=True)
 
 
-def fmnist_acceptance(run_dir: Path, extra: list[str]) -> dict:
-    """Pretrain with the fmnist recipe, then k-NN of the teacher, its random init and raw pixels."""
+def fmnist_acceptance(run_dir: Path, extra: list[str], *, train: bool = True) -> dict:
+    """Pretrain with the fmnist recipe (unless ``train`` is false), then k-NN of the teacher, its random init and
+    raw pixels."""
     start = time.perf_counter()
-    _cli("pretrain", "--config", "fmnist", f"run_dir={run_dir}", *extra)
+    if train:
+        _cli("pretrain", "--config", "fmnist", f"run_dir={run_dir}", *extra)
     wall = time.perf_counter() - start
     models = {"pretrained": str(run_dir / "artifact"), "random-init": str(_initial_teacher(run_dir)),
               "pixels": "pixels"}
@@ -134,7 +136,7 @@ def fmnist_acceptance(run_dir: Path, extra: list[str]) -> dict:
         results[name] = json.loads(out.read_text())["results"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if "total_loss" in r]
-    summary = {"wall_seconds": wall, "train_seconds": train[-1]["train_seconds"], "steps": train[-1]["step"],
+    summary = {"wall_seconds": wall if train else None, "train_seconds": train[-1]["train_seconds"], "steps": train[-1]["step"],
                "images_seen": train[-1]["images_seen"], "knn_curve": [(r["step"], r["knn_top1"]) for r in records
                                                                      if "knn_top1" in r], "knn": results}
     lines = ["| model | features | k=10 top-1 | k=20 top-1 |", "|---|---|---:|---:|"]
@@ -143,7 +145,7 @@ def fmnist_acceptance(run_dir: Path, extra: list[str]) -> dict:
             lines.append(f"| {name} | {feature} | {res['top1']['10']:.2f} | {res['top1']['20']:.2f} |")
     print("\n".join(lines))
     print(f"pretraining: {summary['steps']} steps, {summary['images_seen']} images, {summary['train_seconds']:.0f} s "
-          f"of training steps, {wall:.0f} s wall (incl. start-up and in-run k-NN)")
+          f"of training steps" + (f", {wall:.0f} s wall (incl. start-up and in-run k-NN)" if train else ""))
     (run_dir / "acceptance.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write rows + environment as JSON")
     p.add_argument("--smoke", action="store_true", help="tiny recipe, fp32, 1 timed step")
     p.add_argument("--fmnist", type=Path, metavar="RUN_DIR", help="run the Fashion-MNIST acceptance instead")
+    p.add_argument("--eval-only", action="store_true", help="with --fmnist: evaluate a finished run, do not train "
+                   "(re-running pretrain on a run stopped by max_minutes would resume it)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(args)))
         return 0
     if args.fmnist:
-        fmnist_acceptance(args.fmnist, args.set)
+        fmnist_acceptance(args.fmnist, args.set, train=not args.eval_only)
         return 0
     if args.smoke:
         args.recipes, args.precision, args.compile, args.steps, args.warmup = "tiny", "fp32", "off", 1, 1

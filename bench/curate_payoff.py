@@ -124,7 +124,7 @@ def run_payoff(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     labelled = _write_labelled(work, 40 if args.quick else 400)
     pool, classes = _write_pool(work, args.quick)
     # Retrieval needs an embedding, not the model being trained: raw pixels find same-class Fashion-MNIST images
-    # well (85% k-NN top-1 in docs/benchmarks/core.md); pass --model for a learned one (e.g. runs/fmnist/artifact).
+    # well (85% k-NN top-1 in docs/benchmarks.md#core); pass --model for a learned one (e.g. runs/fmnist/artifact).
     model, feature = (args.model, "cls") if args.model else ("pixels", "pixels")
     cfg = load_config(CurateConfig, REPO / "pretrain" / "curate" / "recipes" / "payoff_fmnist.yaml", [
         f"output={work / 'curate'}", f"pool={pool}", f"seeds.labelled={labelled[0]}", f"embed.model={model}",

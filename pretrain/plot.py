@@ -23,14 +23,18 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
+def _series(records: list[dict], key: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Points of ``key`` per evaluation set: k-NN records of different set sizes (periodic subsets vs the full
+    sets at the start and end of a run) are not comparable, so each set gets its own line."""
+    lines: dict[str, tuple[list[int], list[float]]] = {}
     for rec in records:
         value = rec.get(key)
         if isinstance(value, (int, float)) and "step" in rec:
+            label = f"{rec['knn_n_train']} train / {rec['knn_n_test']} test" if "knn_n_train" in rec else ""
+            xs, ys = lines.setdefault(label, ([], []))
             xs.append(int(rec["step"]))
             ys.append(float(value))
-    return xs, ys
+    return lines
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -58,13 +62,15 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
     written = []
     for name, keys in GROUPS.items():
-        present = [(k, *_series(records, k)) for k in keys]
-        present = [(k, xs, ys) for k, xs, ys in present if xs]
+        present = [(k, lines) for k in keys if (lines := _series(records, k))]
         if not present:
             continue
         fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
-        for ax, (key, xs, ys) in zip(axes[0], present, strict=True):
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+        for ax, (key, lines) in zip(axes[0], present, strict=True):
+            for label, (xs, ys) in lines.items():
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label or None)
+            if any(lines):
+                ax.legend(fontsize=7)
             ax.set_title(key)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

@@ -51,3 +51,17 @@ def test_plot_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         plot_run(tmp_path)
     assert cli_main(["plot", str(tmp_path / "missing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_knn_on_different_sets_gets_one_line_per_set() -> None:
+    from dinoforge.pretrain.plot import _series
+
+    records = [{"step": 0, "knn_top1": 69.3, "knn_n_train": 60000, "knn_n_test": 10000},
+               {"step": 200, "knn_top1": 73.1, "knn_n_train": 5000, "knn_n_test": 2000},
+               {"step": 400, "knn_top1": 75.0, "knn_n_train": 5000, "knn_n_test": 2000},
+               {"step": 800, "knn_top1": 81.2, "knn_n_train": 60000, "knn_n_test": 10000},
+               {"step": 10, "total_loss": 11.0}]
+    assert _series(records, "knn_top1") == {"60000 train / 10000 test": ([0, 800], [69.3, 81.2]),
+                                            "5000 train / 2000 test": ([200, 400], [73.1, 75.0])}
+    assert _series(records, "total_loss") == {"": ([10], [11.0])}
+    assert _series(records, "lr") == {}
