@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 DEB_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default
 INSTALL_STAMP := $(VENV)/.install-stamp
 
-.PHONY: all install data demo test test-fast bench clean help triton-env
+.PHONY: all install data demo demo-serve test test-fast bench clean help triton-env
 
 help:
 	@echo "make demo   - run the end-to-end demo on real data (installs what it needs)"
@@ -57,12 +57,17 @@ demo: install data
 	  train.max_steps=60 knn.every_steps=null $(SUBSETS) monitor.progress=false
 	@echo "== 5/6 export the student to ONNX, gated by a parity report"
 	$(DF) export onnx $(DEMO)/distill/artifacts/vit64 --out $(DEMO)/onnx --knn-limit 500
+	$(MAKE) --no-print-directory demo-serve
+	@echo "demo done: outputs in $(DEMO)/ (pretrain/, distill/, onnx/parity.json, embeddings.npy)"
+
+# Step 6 of the demo (also runnable alone once steps 1-5 have written $(DEMO)/onnx).
+demo-serve: install
 	@echo "== 6/6 serve the ONNX model over HTTP and embed images through it"
+	$(BIN)/python -c "import importlib.util, pathlib; spec = importlib.util.find_spec('foolbox'); \
+	  print(pathlib.Path(list(spec.submodule_search_locations)[0]) / 'data')" > $(DEMO)/sample_images.txt
 	bash -c 'set -e; $(DF) serve --model $(DEMO)/onnx --port 8765 --log-level warning & pid=$$!; \
 	  trap "kill $$pid" EXIT; for i in $$(seq 60); do curl -sf localhost:8765/ready >/dev/null && break; sleep 1; done; \
-	  images=$$($(BIN)/python -c "import foolbox, pathlib; print(pathlib.Path(foolbox.__file__).parent / \"data\")"); \
-	  $(DF) embed $$images --server http://127.0.0.1:8765 --out $(DEMO)/embeddings.npy --no-progress'
-	@echo "demo done: outputs in $(DEMO)/ (pretrain/, distill/, onnx/parity.json, embeddings.npy)"
+	  $(DF) embed $$(cat $(DEMO)/sample_images.txt) --server http://127.0.0.1:8765 --out $(DEMO)/embeddings.npy --no-progress'
 
 test: install data triton-env
 	$(BIN)/python -m pytest
