@@ -110,6 +110,23 @@ def load_config(cls: type[ConfigT], path: str | Path | None = None, overrides: S
     return build_config(cls, data, source=str(path) if path else "overrides")
 
 
+def resolve_recipe_in(recipes_dir: Path, name_or_path: str | Path) -> Path:
+    """A recipe file: a path, or the name of a recipe bundled in ``recipes_dir`` (``NAME.yaml``).
+
+    Anything that is neither is returned unchanged, so that loading it reports the missing file.
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    bundled = recipes_dir / f"{name_or_path}.yaml"
+    return bundled if bundled.is_file() else path
+
+
+def recipe_names_in(recipes_dir: Path) -> list[str]:
+    """Names of the recipes bundled in ``recipes_dir``."""
+    return sorted(p.stem for p in recipes_dir.glob("*.yaml"))
+
+
 def config_to_yaml(config: BaseModel) -> str:
     """The resolved config as YAML (JSON-compatible values, declaration order)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

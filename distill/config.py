@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from dinoforge.core.backbone import BackboneConfig, get_arch
-from dinoforge.core.config import StrictModel, load_config
+from dinoforge.core.config import StrictModel, load_config, recipe_names_in, resolve_recipe_in
 from dinoforge.core.errors import ConfigError
 from dinoforge.pretrain.augment import CropsConfig
 from dinoforge.pretrain.config import (
@@ -165,11 +165,7 @@ class DistillConfig(StrictModel):
 
 def resolve_recipe(name_or_path: str | Path) -> Path:
     """A recipe file: a path, or the name of a bundled distillation recipe (``tiny``, ``fmnist`` ...)."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    bundled = RECIPES_DIR / f"{name_or_path}.yaml"
-    return bundled if bundled.is_file() else path
+    return resolve_recipe_in(RECIPES_DIR, name_or_path)
 
 
 def load_distill_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> DistillConfig:
@@ -184,4 +180,4 @@ def load_distill_config(recipe: str | Path | None, overrides: Sequence[str] = ()
 
 def bundled_recipes() -> list[str]:
     """Names of the distillation recipes shipped with dinoforge."""
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return recipe_names_in(RECIPES_DIR)

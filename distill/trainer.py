@@ -38,15 +38,11 @@ from dinoforge.distill.teacher import load_teacher, require_heads
 from dinoforge.pretrain.data import BatchLayout, PretrainBatches
 from dinoforge.pretrain.masking import MaskingGenerator, official_max_num_patches
 from dinoforge.pretrain.monitor import MetricsLog
-from dinoforge.pretrain.optim import build_optimizer
 from dinoforge.pretrain.parallelize import ParallelConfig, parallelize
-from dinoforge.pretrain.param_groups import param_groups
 from dinoforge.pretrain.runtime import Runtime, seed_everything
-from dinoforge.pretrain.schedules import build_schedules
 from dinoforge.pretrain.sources import open_pretrain_source
-from dinoforge.pretrain.spikes import SpikeDetector
 from dinoforge.pretrain.teacher_export import PlainTeacher, default_preprocess
-from dinoforge.pretrain.train_loop import StepResult, make_precision
+from dinoforge.pretrain.train_loop import StepResult
 from dinoforge.pretrain.trainer import Trainer
 
 log = logging.getLogger("dinoforge.distill")
@@ -77,16 +73,7 @@ class DistillTrainer(Trainer):
         seed_everything(cfg.seed)  # the RNG state after building does not depend on the students
         self.meta = DistillMeta(cfg, teacher, self.slots, modules).to(rt.device)
         self.par = parallelize(self.meta, self._accelerate(), world_size=rt.world_size, device=rt.device)
-        groups = param_groups(self.par.raw_student, layerwise_decay=cfg.optim.layerwise_decay,
-                              patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult)
-        self.optimizer = build_optimizer(groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
-        self.precision = make_precision(cfg.train.precision, rt.device)
-        self.global_batch = cfg.global_batch_size(rt.world_size)
-        self.schedules = build_schedules(cfg.schedule, global_batch_size=self.global_batch)
-        self.total_steps = cfg.schedule.epochs * cfg.schedule.epoch_length
-        if cfg.train.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.detector = SpikeDetector(cfg.spike)
+        self._build_optimization()
         self.batches = self._batches()
         self.preprocess = {slot.name: self._preprocess(slot.backbone.patch_size) for slot in self.slots}
         self.progress.extra["teacher_sha256"] = self.teacher_info.sha256

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dinoforge.core.config import StrictModel, load_config
+from dinoforge.core.config import StrictModel, load_config, recipe_names_in, resolve_recipe_in
 from dinoforge.core.preprocess import PreprocessConfig
 from dinoforge.pretrain.augment import CropsConfig
 from dinoforge.pretrain.meta_arch import MetaArchConfig
@@ -158,11 +158,7 @@ class PretrainConfig(StrictModel):
 
 def resolve_recipe(name_or_path: str | Path) -> Path:
     """A recipe file: a path, or the name of a bundled recipe (``tiny``, ``fmnist``, ``vits14`` ...)."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    bundled = RECIPES_DIR / f"{name_or_path}.yaml"
-    return bundled if bundled.is_file() else path
+    return resolve_recipe_in(RECIPES_DIR, name_or_path)
 
 
 def load_pretrain_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> PretrainConfig:
@@ -177,4 +173,4 @@ def load_pretrain_config(recipe: str | Path | None, overrides: Sequence[str] = (
 
 def bundled_recipes() -> list[str]:
     """Names of the recipes shipped with dinoforge."""
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return recipe_names_in(RECIPES_DIR)

@@ -88,16 +88,7 @@ class Trainer:
         if cfg.init.from_checkpoint:
             self._warm_start(cfg.init.from_checkpoint)
         self.par = parallelize(self.meta, cfg.parallel, world_size=rt.world_size, device=rt.device)
-        groups = param_groups(self.par.raw_student, layerwise_decay=cfg.optim.layerwise_decay,
-                              patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult)
-        self.optimizer = build_optimizer(groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
-        self.precision = make_precision(cfg.train.precision, rt.device)
-        self.global_batch = cfg.global_batch_size(rt.world_size)
-        self.schedules = build_schedules(cfg.schedule, global_batch_size=self.global_batch)
-        self.total_steps = cfg.schedule.epochs * cfg.schedule.epoch_length
-        if cfg.train.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.detector = SpikeDetector(cfg.spike)
+        self._build_optimization()
         generator = MaskingGenerator(cfg.grid, max_num_patches=official_max_num_patches(
             cfg.crops.global_crops_size, cfg.model.backbone.patch_size), min_num_patches=cfg.masking.min_num_patches,
             min_aspect=cfg.masking.min_aspect)
@@ -114,6 +105,24 @@ class Trainer:
             from dinoforge.pretrain.knn_monitor import KnnMonitor
 
             self.knn = KnnMonitor(cfg.knn, self.preprocess, device=str(rt.device))
+
+    def _build_optimization(self) -> None:
+        """Optimizer over the official parameter groups, precision, schedules, run length and spike detector.
+
+        Shared with distillation (``cfg`` only needs the ``optim``/``train``/``schedule``/``spike`` sections and
+        ``global_batch_size``); call it once ``self.par`` holds the parallelized model.
+        """
+        cfg, rt = self.cfg, self.rt
+        groups = param_groups(self.par.raw_student, layerwise_decay=cfg.optim.layerwise_decay,
+                              patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult)
+        self.optimizer = build_optimizer(groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
+        self.precision = make_precision(cfg.train.precision, rt.device)
+        self.global_batch = cfg.global_batch_size(rt.world_size)
+        self.schedules = build_schedules(cfg.schedule, global_batch_size=self.global_batch)
+        self.total_steps = cfg.schedule.epochs * cfg.schedule.epoch_length
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.detector = SpikeDetector(cfg.spike)
 
     def _warm_start(self, source: str) -> None:
         """Load student/teacher weights of another run (fresh optimizer and schedule), resampling pos-embed."""
