@@ -62,17 +62,58 @@ def peak_rss_gb() -> float:
 
 
 # ---------------------------------------------------------------------------------------------- scale
-def synthetic_chunks(rows: int, dim: int, *, clusters: int, dup_fraction: float, seed: int, chunk: int = 100_000):
-    """Clustered unit vectors in chunks; ``dup_fraction`` of rows are near-copies of the row before them.
+#: Latent dimension of the ``manifold`` distribution: image embeddings of trained models concentrate near a
+#: low-dimensional subspace (a few dozen principal directions hold most of their variance).
+LATENT_DIM = 32
+
+
+def synthetic_chunks(rows: int, dim: int, *, clusters: int, dup_fraction: float, seed: int, chunk: int = 100_000,
+                     distribution: str = "isotropic"):
+    """Clustered vectors in chunks; ``dup_fraction`` of rows are near-copies of the row before them.
+
+    ``isotropic``: centre + N(0, 0.06^2) in every one of the ``dim`` directions (intra-cluster cosine ~0.4; noise
+    of full rank, the hardest case for IVF). ``manifold``: the same mixture drawn in a ``LATENT_DIM``-d space
+    (noise 0.15 per latent direction), mapped by a fixed random orthonormal ``[LATENT_DIM, dim]`` matrix, plus
+    N(0, 0.03^2) ambient noise (the top 32 principal directions then hold ~83% of the variance).
 
     Yields ``(vectors float16 [m, dim], is_dup bool [m])``.
     """
+    if distribution == "hierarchical":
+        yield from _hierarchical_chunks(rows, dim, clusters=clusters, dup_fraction=dup_fraction, seed=seed,
+                                        chunk=chunk)
+        return
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    manifold = distribution == "manifold"
+    space = LATENT_DIM if manifold else dim
+    centres = rng.normal(size=(clusters, space)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    basis = np.linalg.qr(rng.normal(size=(dim, space)))[0].T.astype(np.float32) if manifold else None
     for start in range(0, rows, chunk):
         m = min(chunk, rows - start)
-        x = centres[rng.integers(0, clusters, m)] + rng.normal(scale=0.06, size=(m, dim)).astype(np.float32)
+        x = centres[rng.integers(0, clusters, m)] + rng.normal(scale=0.15 if manifold else 0.06,
+                                                               size=(m, space)).astype(np.float32)
+        if basis is not None:
+            x = x @ basis + rng.normal(scale=0.03, size=(m, dim)).astype(np.float32)
+        dup = rng.random(m) < dup_fraction
+        dup[0] = False
+        src = np.nonzero(dup)[0] - 1
+        x[dup] = x[src] + rng.normal(scale=0.004, size=(src.size, dim)).astype(np.float32)
+        yield x.astype(np.float16), dup
+
+
+def _hierarchical_chunks(rows: int, dim: int, *, clusters: int, dup_fraction: float, seed: int, chunk: int):
+    """Concepts -> groups -> images: ``clusters // 100`` concept directions, 100 groups per concept (cosine
+    ~0.6 between groups of one concept) and ~10 images per group (cosine ~0.85 between images of one group),
+    like photos of one object or scene among others of the same kind. Same yields as :func:`synthetic_chunks`.
+    """
+    rng = np.random.default_rng(seed)
+    concepts = rng.normal(size=(max(1, clusters // 100), dim)).astype(np.float32)
+    concepts /= np.linalg.norm(concepts, axis=1, keepdims=True)
+    groups = concepts[np.arange(10 * clusters) % len(concepts)]  # 10 * clusters groups of ~rows / (10 * clusters)
+    groups = groups + rng.normal(scale=0.0417, size=groups.shape).astype(np.float32)
+    for start in range(0, rows, chunk):
+        m = min(chunk, rows - start)
+        x = groups[rng.integers(0, len(groups), m)] + rng.normal(scale=0.0277, size=(m, dim)).astype(np.float32)
         dup = rng.random(m) < dup_fraction
         dup[0] = False
         src = np.nonzero(dup)[0] - 1
@@ -86,14 +127,16 @@ def bench_scale(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     is_dup = []
 
     def pool_chunks():
-        for x, dup in synthetic_chunks(rows, dim, clusters=clusters, dup_fraction=0.01, seed=0):
+        for x, dup in synthetic_chunks(rows, dim, clusters=clusters, dup_fraction=0.01, seed=0,
+                                       distribution=args.distribution):
             is_dup.append(dup)
             yield x
 
     started = time.perf_counter()
     write_feature_store(work / "pool", pool_chunks(), num_rows=rows, dim=dim, shard_size=100_000,
                         fingerprint="synthetic-v1")
-    seed_x = next(synthetic_chunks(seeds, dim, clusters=clusters, dup_fraction=0.0, seed=0, chunk=seeds))[0]
+    seed_x = next(synthetic_chunks(seeds, dim, clusters=clusters, dup_fraction=0.0, seed=0, chunk=seeds,
+                                   distribution=args.distribution))[0]
     write_feature_store(work / "seeds", [seed_x], num_rows=seeds, dim=dim, fingerprint="synthetic-v1")
     written = time.perf_counter() - started
     cfg = build_config(CurateConfig, {
@@ -112,7 +155,7 @@ def bench_scale(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     gone = pd.read_parquet(work / "run" / "dedup" / "removed.parquet")["row"].to_numpy()
     dedup, ret = report["steps"]["dedup"], report["steps"]["retrieval"]
-    return {"rows": rows, "dim": dim, "seeds": seeds, "write_seconds": round(written, 1),
+    return {"rows": rows, "dim": dim, "seeds": seeds, "distribution": args.distribution, "write_seconds": round(written, 1),
             "curate_seconds": round(wall, 1), "peak_rss_gb": round(peak_rss_gb(), 2),
             "index": dedup["index"]["plan"]["factory"], "search_params": dedup["index"]["search_params"],
             "recall@10": dedup["index"]["recall"]["recall"], "index_build_seconds": dedup["index"]["build_seconds"],
@@ -185,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--seeds", type=int, default=10_000)
+    parser.add_argument("--distribution", choices=("isotropic", "manifold", "hierarchical"), default="isotropic",
+                        help="scale: synthetic embedding distribution (see synthetic_chunks)")
     parser.add_argument("--pool", type=int, default=20_000, help="copies: real pool images before injection")
     parser.add_argument("--originals", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=10, help="copies: descriptor training epochs")

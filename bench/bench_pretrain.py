@@ -199,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.smoke:
         args.recipes, args.precision, args.compile, args.steps, args.warmup = "tiny", "fp32", "off", 1, 1
-    rows = [_run_variant(r, pr, c, args) for r in args.recipes.split(",") for pr in args.precision.split(",")
-            for c in args.compile.split(",")]
+    rows = []
+    for r, pr, c in itertools.product(args.recipes.split(","), args.precision.split(","), args.compile.split(",")):
+        rows.append(_run_variant(r, pr, c, args))
+        print("row:", json.dumps(rows[-1]), flush=True)  # kept in the log even if a later variant is killed
     print(_table(rows))
     failed = [r for r in rows if "error" in r]
     for r in failed:

@@ -10,10 +10,14 @@ send one JPEG per request; we report images/s and p50/p95/p99 latency of
   ONNX Runtime; clients decode + preprocess themselves (Triton has no image decoding) and send FP32 tensors;
 * ``extract`` vs ``raw torch``: `dinoforge extract` (core.extract) throughput over a folder of the JPEGs.
 
-The load generator runs on the same machine as the servers: quote figures from a quiet machine, side by side
-from one run. ``--quick`` is a small smoke test (tiny model, short runs).
+Each system is measured against its raw backend in ``--rounds`` adjacent pairs (raw window, then system
+window) per level, and its ratio is the median of the pairs: the speed of a shared VM drifts by tens of
+percent between minutes, which made ratios of windows measured minutes apart meaningless. The load
+generator runs on the same machine as the servers: quote figures from a quiet machine, from one run.
+``--quick`` is a small smoke test (tiny model, short runs, one round).
 
-Usage: python bench/bench_serve.py [--model ARTIFACT] [--concurrency 1,8,16,32] [--seconds 20] [--out r.json]
+Usage: python bench/bench_serve.py [--model ARTIFACT] [--concurrency 1,8,16,32] [--seconds 12] [--rounds 3]
+       [--extract-images 256] [--out r.json]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import io
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,13 +53,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=20.0, help="measurement time per system and level")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default)")
-    p.add_argument("--extract-images", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternations of raw backend and system per level (the ratio is the median of the "
+                        "adjacent pairs, so drifts in machine speed between systems cancel)")
+    p.add_argument("--extract-images", type=int, default=256, help="images per extraction round")
     p.add_argument("--skip", default="", help="comma list of: onnx, triton, extract")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 s per level, concurrency 1,4,16")
     p.add_argument("--out", type=Path, help="write all results as JSON")
     args = p.parse_args()
     if args.quick:
-        args.concurrency, args.seconds, args.extract_images = "1,4,16", 2.0, 48
+        args.concurrency, args.seconds, args.extract_images, args.rounds = "1,4,16", 2.0, 48, 1
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     args.levels = [int(c) for c in args.concurrency.split(",")]
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     return args
@@ -230,6 +240,7 @@ def bench_triton(port: int, backend, jpegs: list[bytes], c: int, seconds: float)
 
 # ---------------------------------------------------------------------------------------------- extraction
 def bench_extract(model: Path, jpegs: list[bytes], n: int, tmp: Path, args: argparse.Namespace) -> dict:
+    """``args.rounds`` x (raw torch at the job's batch size, then a fresh extraction job over ``n`` JPEGs)."""
     from dinoforge.core.extract import ExtractConfig, run_extraction
     from dinoforge.serve.backends.torch_backend import TorchBackend
 
@@ -237,12 +248,18 @@ def bench_extract(model: Path, jpegs: list[bytes], n: int, tmp: Path, args: argp
     folder.mkdir()
     for i in range(n):
         (folder / f"{i:06d}.jpg").write_bytes(jpegs[i % len(jpegs)])
-    batch = 64
-    result = run_extraction(ExtractConfig(model=str(model), input=str(folder), output=str(tmp / "extract_out"),
-                                          batch_size=batch, num_workers=2, progress=False, shard_size=n))
-    raw = bench_raw(TorchBackend.from_artifact(model), jpegs, batch, max(2.0, args.seconds / 2))
-    return {"extract_img_per_s": result.images_per_second, "raw_img_per_s": raw["img_per_s"],
-            "ratio": result.images_per_second / raw["img_per_s"], "images": n, "batch_size": batch}
+    batch, backend, pairs = 64, TorchBackend.from_artifact(model), []
+    for r in range(args.rounds):
+        raw = bench_raw(backend, jpegs, batch, max(2.0, args.seconds))
+        # the job's own wall time, model loading and loader start-up included
+        job = run_extraction(ExtractConfig(model=str(model), input=str(folder), output=str(tmp / f"extract_out{r}"),
+                                           batch_size=batch, num_workers=2, progress=False, shard_size=n))
+        pairs.append((raw["img_per_s"], job.images_per_second))
+        print(f"  extract round {r}: {job.images_per_second:.2f} img/s vs raw {raw['img_per_s']:.2f}", flush=True)
+    ratios = [e / r for r, e in pairs]
+    return {"extract_img_per_s": statistics.median(e for _, e in pairs),
+            "raw_img_per_s": statistics.median(r for r, _ in pairs), "ratio": statistics.median(ratios),
+            "ratios": ratios, "images": n, "batch_size": batch}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -264,21 +281,41 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def run_system(rows: list[dict], system: str, levels: list[int], fn, raw: dict | None = None) -> None:  # noqa: ANN001
+def _median_result(results: list[dict]) -> dict:
+    """The result with the median throughput (its latency percentiles come with it)."""
+    return sorted(results, key=lambda r: r["img_per_s"])[len(results) // 2]
+
+
+def run_paired(rows: list[dict], system: str, levels: list[int], fn, raw_fn, rounds: int,  # noqa: ANN001
+               raw_log: dict[int, list[dict]]) -> None:
+    """Per level, ``rounds`` x (raw backend window, then ``system`` window); ratio = median of the pairs."""
     for c in levels:
-        res = {"system": system, "c": c, **fn(c)}
-        if raw is not None:
-            res["ratio"] = res["img_per_s"] / raw[c]
-        rows.append(res)
-        print(f"  {system:22s} C={c:3d} {res['img_per_s']:8.1f} img/s  p50 {res.get('p50_ms', 0):8.1f} ms",
-              flush=True)
+        pairs = []
+        for _ in range(rounds):
+            raw = raw_fn(c)
+            raw_log.setdefault(c, []).append(raw)
+            pairs.append((raw, fn(c)))
+        ratios = [res["img_per_s"] / raw["img_per_s"] for raw, res in pairs]
+        row = {"system": system, "c": c, **_median_result([res for _, res in pairs]),
+               "ratio": statistics.median(ratios), "ratios": ratios,
+               "raw_img_per_s": statistics.median(raw["img_per_s"] for raw, _ in pairs)}
+        rows.append(row)
+        print(f"  {system:22s} C={c:3d} {row['img_per_s']:8.1f} img/s  p50 {row.get('p50_ms', 0):8.1f} ms  "
+              f"vs raw {row['ratio']:.3f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+
+
+def raw_rows(system: str, raw_log: dict[int, list[dict]]) -> list[dict]:
+    """One row per level for a raw backend: its median window over every pairing."""
+    return [{"system": system, "c": c, **_median_result(results), "windows": len(results)}
+            for c, results in sorted(raw_log.items())]
 
 
 def _with_server(model: Path, args: argparse.Namespace, rows: list[dict], system: str, jpegs: list[bytes],
-                 raw: dict) -> None:
+                 raw_fn, raw_log: dict[int, list[dict]]) -> None:  # noqa: ANN001
     proc, url = start_serve(model, args)
     try:
-        run_system(rows, system, args.levels, lambda c: bench_serve(url, jpegs, c, args.seconds), raw)
+        run_paired(rows, system, args.levels, lambda c: bench_serve(url, jpegs, c, args.seconds), raw_fn,
+                   args.rounds, raw_log)
     finally:
         proc.terminate()
         proc.wait()
@@ -293,22 +330,22 @@ def _onnx_systems(model: Path, args: argparse.Namespace, rows: list[dict], jpegs
                  "--knn-limit", "0"]) != 0:
         raise RuntimeError("ONNX export failed")
     ort_backend = OnnxRuntimeBackend(onnx_dir, intra_op_threads=args.threads or None)
-    run_system(rows, "raw onnxruntime", args.levels, lambda c: bench_raw(ort_backend, jpegs, c, args.seconds))
-    raw_ort = {r["c"]: r["img_per_s"] for r in rows if r["system"] == "raw onnxruntime"}
+    raw_log: dict[int, list[dict]] = {}
+    raw_fn = lambda c: bench_raw(ort_backend, jpegs, c, args.seconds)  # noqa: E731
     if "onnx" not in args.skip:
-        _with_server(onnx_dir, args, rows, "serve onnxruntime", jpegs, raw_ort)
-    if "triton" in args.skip:
-        return
-    if not (TRITON_VENV / "bin" / "python").is_file():
+        _with_server(onnx_dir, args, rows, "serve onnxruntime", jpegs, raw_fn, raw_log)
+    if "triton" not in args.skip and not (TRITON_VENV / "bin" / "python").is_file():
         print(f"  pytriton: skipped ({TRITON_VENV} missing: run `make triton-env`)")
-        return
-    proc, port = start_pytriton(ort_backend.path, args)
-    try:
-        run_system(rows, "pytriton onnxruntime", args.levels,
-                   lambda c: bench_triton(port, ort_backend, jpegs, c, args.seconds), raw_ort)
-    finally:
-        proc.terminate()
-        proc.wait()
+    elif "triton" not in args.skip:
+        proc, port = start_pytriton(ort_backend.path, args)
+        try:
+            run_paired(rows, "pytriton onnxruntime", args.levels,
+                       lambda c: bench_triton(port, ort_backend, jpegs, c, args.seconds), raw_fn, args.rounds,
+                       raw_log)
+        finally:
+            proc.terminate()
+            proc.wait()
+    rows[:0] = raw_rows("raw onnxruntime", raw_log)
 
 
 def _report(rows: list[dict], extract: dict | None, args: argparse.Namespace) -> None:
@@ -335,11 +372,14 @@ def main() -> int:
         model, jpegs = make_model(args, tmp), jpeg_pool()
         print(f"model {model}, {len(jpegs)} JPEGs, levels {args.levels}, {args.seconds} s each", flush=True)
         torch_backend = TorchBackend.from_artifact(model)
-        run_system(rows, "raw torch", args.levels, lambda c: bench_raw(torch_backend, jpegs, c, args.seconds))
-        raw_torch = {r["c"]: r["img_per_s"] for r in rows if r["system"] == "raw torch"}
-        _with_server(model, args, rows, "serve torch", jpegs, raw_torch)
+        raw_log: dict[int, list[dict]] = {}
+        _with_server(model, args, rows, "serve torch", jpegs,
+                     lambda c: bench_raw(torch_backend, jpegs, c, args.seconds), raw_log)
+        rows[:0] = raw_rows("raw torch", raw_log)
         if not args.skip >= {"onnx", "triton"}:
-            _onnx_systems(model, args, rows, jpegs, tmp)
+            onnx_rows: list[dict] = []
+            _onnx_systems(model, args, onnx_rows, jpegs, tmp)
+            rows += onnx_rows
         extract = None if "extract" in args.skip else bench_extract(model, jpegs, args.extract_images, tmp, args)
     _report(rows, extract, args)
     return 0

@@ -1,8 +1,9 @@
-"""``dinoforge serve`` (+ ``serve build-head``) and ``dinoforge embed``. Only argparse is imported here."""
+"""``dinoforge serve`` (+ ``serve build-head``) and ``dinoforge embed``. Only argparse (and os) is imported here."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -84,6 +85,11 @@ def _head_arguments(h: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Before torch (and its OpenMP runtime) loads: the server runs torch on its inference thread while the
+    # preprocessing threads run torch ops of their own, and OpenMP's default spin-waiting makes those thread
+    # teams fight for the cores. On the 2-core bench machine this took `serve torch` at concurrency 16 from
+    # 0.72x to 1.30x the raw backend (docs/benchmarks.md#serving). An explicit OMP_WAIT_POLICY wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from dinoforge.serve.cli import run_serve
 
     return run_serve(args)

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from dinoforge.core.index.config import IVF_KINDS
 from dinoforge.core.index.exact import RecallReport, exact_search, higher_is_better, recall_at_k, true_scores
 from dinoforge.core.index.index import VectorIndex
 from dinoforge.core.index.vectors import VectorSource, sample_rows
@@ -66,15 +67,27 @@ def measure_recall(index: VectorIndex, database: VectorSource, *, queries: np.nd
 
 def _candidates(index: VectorIndex) -> tuple[str, list[int]]:
     cfg = index.config
-    if (index.plan.kind in ("ivf_flat", "ivf_pq") and cfg.nprobe) or (index.plan.kind == "hnsw" and cfg.ef_search):
+    if (index.plan.kind in IVF_KINDS and cfg.nprobe) or (index.plan.kind == "hnsw" and cfg.ef_search):
         return "", []  # fixed by the user: measure, do not tune
-    if index.plan.kind in ("ivf_flat", "ivf_pq"):
+    if index.plan.kind in IVF_KINDS:
         nlist = index.plan.nlist or 1
         values = [1 << i for i in range(17) if (1 << i) < nlist] + [nlist]
         return "nprobe", values
     if index.plan.kind == "hnsw":
         return "ef_search", [16 << i for i in range(9)]
     return "", []
+
+
+def _raise_k_factor(index: VectorIndex, truth: _GroundTruth, target: float, k: int) -> RecallReport:
+    """Double the fast-scan index's re-ranking depth (up to 512) until the recall target is met."""
+    k_factor = index.search_params.get("k_factor", index.config.k_factor)
+    while True:
+        k_factor *= 2
+        index.set_search_params(k_factor=k_factor)
+        report = truth.recall(index)
+        log.info("k_factor=%d: recall@%d %.4f", k_factor, k, report.recall)
+        if report.recall >= target or k_factor >= 512:
+            return report
 
 
 def tune_index(index: VectorIndex, database: VectorSource, *, queries: np.ndarray | None = None, k: int = 10,
@@ -98,5 +111,7 @@ def tune_index(index: VectorIndex, database: VectorSource, *, queries: np.ndarra
             if report.recall >= target:
                 break
     assert report is not None
+    if knob and report.recall < target and index.plan.kind == "ivf_pq_fs":
+        report = _raise_k_factor(index, truth, target, k)
     index.last_recall = {**report.to_dict(), "target": target}
     return report

@@ -31,8 +31,13 @@ def brute_force(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarr
 def test_plan_follows_size_and_memory() -> None:
     cfg = IndexConfig()
     assert plan_index(1000, 384, cfg).factory == "Flat"
-    mid = plan_index(1_000_000, 384, cfg)
-    assert mid.kind == "ivf_flat" and mid.factory == "IVF4096,Flat" and mid.nlist == default_nlist(1_000_000)
+    mid = plan_index(400_000, 384, cfg)
+    assert mid.kind == "ivf_flat" and mid.factory == "IVF2048,Flat" and mid.nlist == default_nlist(400_000)
+    big = plan_index(1_000_000, 384, cfg)  # above fast_scan_min: 4-bit fast-scan codes + exact re-ranking
+    assert big.kind == "ivf_pq_fs" and big.factory == "IVF2048,PQ96x4fs,RFlat"
+    assert plan_index(1_000_000, 384, cfg, with_ids=True).kind == "ivf_flat"  # serving: ids and removals
+    with pytest.raises(ConfigError, match="explicit ids"):
+        plan_index(1_000_000, 384, IndexConfig(kind="ivf_pq_fs"), with_ids=True)
     assert plan_index(1_000_000, 384, cfg.model_copy(update={"memory_budget_gb": 1.0})).factory == "IVF4096,PQ64x8np"
     assert plan_index(10_000_000, 768, cfg).kind == "ivf_pq"
     assert plan_index(5_000, 64, IndexConfig(kind="ivf_flat")).nlist <= 5_000 // 39  # never starved of points
@@ -82,6 +87,31 @@ def test_ivf_pq_and_hnsw_report_their_recall() -> None:
     assert hnsw.tune(source).recall >= 0.95 and "ef_search" in hnsw.search_params
     with pytest.raises(ConfigError, match="cannot remove"):
         hnsw.remove(np.array([1]))
+
+
+def test_fast_scan_index_tunes_to_target_and_filters_like_brute_force() -> None:
+    base = clustered(20_000, 32, centers=200)
+    source = ArrayVectors(base)
+    index = VectorIndex.build(source, IndexConfig(flat_max=1000, fast_scan_min=10_000, tune_queries=300))
+    assert index.plan.kind == "ivf_pq_fs" and index.plan.factory == "IVF256,PQ8x4fs,RFlat"
+    report = index.tune(source)
+    assert report.recall >= 0.95 and index.search_params["nprobe"] < 256
+    index.set_search_params(nprobe=256)  # every list probed: only the 4-bit ranking can differ, re-ranked exactly
+    queries = base[:40]
+    scores, ids = index.search(queries, 10)
+    assert recall_at_k(ids, brute_force(queries, base, 10)[1]) >= 0.95
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    b = base / np.linalg.norm(base, axis=1, keepdims=True)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, b[ids]), atol=1e-5)  # re-ranked: exact scores
+    keep = np.zeros(20_000, bool)
+    keep[::3] = True
+    _, kept_ids = index.search(queries, 10, allowed=keep)
+    assert keep[kept_ids].all()
+    with pytest.raises(ConfigError, match="cannot remove"):
+        index.remove(np.array([1]))
+    shallow = VectorIndex.build(source, IndexConfig(flat_max=1000, fast_scan_min=10_000, tune_queries=300,
+                                                    k_factor=2))
+    assert shallow.tune(source).recall >= 0.95 and shallow.search_params["k_factor"] > 2  # tuning deepens it
 
 
 def test_recall_counts_ties_as_correct() -> None:
