@@ -94,11 +94,23 @@ def synthetic_chunks(rows: int, dim: int, *, clusters: int, dup_fraction: float,
                                                                size=(m, space)).astype(np.float32)
         if basis is not None:
             x = x @ basis + rng.normal(scale=0.03, size=(m, dim)).astype(np.float32)
-        dup = rng.random(m) < dup_fraction
-        dup[0] = False
-        src = np.nonzero(dup)[0] - 1
-        x[dup] = x[src] + rng.normal(scale=0.004, size=(src.size, dim)).astype(np.float32)
-        yield x.astype(np.float16), dup
+        yield _plant_copies(x, rng, dup_fraction)
+
+
+def _plant_copies(x: np.ndarray, rng: np.random.Generator, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Replace ``fraction`` of the rows of ``x`` ``[m, d]`` by near-copies (cosine ~0.997) of the row before.
+
+    A copy is never followed by another copy: the second would copy a row that is itself replaced.
+
+    Returns:
+        ``(float16 [m, d], is_copy bool [m])``.
+    """
+    dup = rng.random(len(x)) < fraction
+    dup[0] = False
+    dup[1:] &= ~dup[:-1]
+    src = np.nonzero(dup)[0] - 1
+    x[dup] = x[src] + rng.normal(scale=0.004, size=(src.size, x.shape[1])).astype(np.float32)
+    return x.astype(np.float16), dup
 
 
 def _hierarchical_chunks(rows: int, dim: int, *, clusters: int, dup_fraction: float, seed: int, chunk: int):
@@ -114,11 +126,7 @@ def _hierarchical_chunks(rows: int, dim: int, *, clusters: int, dup_fraction: fl
     for start in range(0, rows, chunk):
         m = min(chunk, rows - start)
         x = groups[rng.integers(0, len(groups), m)] + rng.normal(scale=0.0277, size=(m, dim)).astype(np.float32)
-        dup = rng.random(m) < dup_fraction
-        dup[0] = False
-        src = np.nonzero(dup)[0] - 1
-        x[dup] = x[src] + rng.normal(scale=0.004, size=(src.size, dim)).astype(np.float32)
-        yield x.astype(np.float16), dup
+        yield _plant_copies(x, rng, dup_fraction)
 
 
 def bench_scale(args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -87,8 +87,9 @@ def _head_arguments(h: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     # Before torch (and its OpenMP runtime) loads: the server runs torch on its inference thread while the
     # preprocessing threads run torch ops of their own, and OpenMP's default spin-waiting makes those thread
-    # teams fight for the cores. On the 2-core bench machine this took `serve torch` at concurrency 16 from
-    # 0.72x to 1.30x the raw backend (docs/benchmarks.md#serving). An explicit OMP_WAIT_POLICY wins.
+    # teams fight for the cores (on the 2-core bench machine, `serve torch` at concurrency 16 went from 0.72x
+    # to 1.30x of a raw-backend window in a before/after check; docs/benchmarks.md#serving). An explicit
+    # OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from dinoforge.serve.cli import run_serve
 

@@ -54,7 +54,7 @@ def test_hierarchical_embeddings_have_tight_groups_and_planted_copies() -> None:
     sims = _neighbour_cosines(x, 500)
     assert np.median(sims[:, 0]) > 0.8  # images of one group
     assert np.median(sims[:, 11]) < 0.7  # beyond the ~10 images of a group: other groups of the concept
-    assert abs(np.median(sims[:, -100:])) < 0.1  # other concepts
+    assert abs(np.median(sims)) < 0.1  # most pairs: different concepts, unrelated directions
     planted = np.nonzero(dup)[0]
     a = x[planted].astype(np.float32)
     b = x[planted - 1].astype(np.float32)
