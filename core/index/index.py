@@ -171,7 +171,7 @@ class VectorIndex:
                  time.perf_counter() - start)
 
     def remove(self, ids: np.ndarray) -> int:
-        """Remove vectors by id; returns how many were removed (HNSW cannot remove)."""
+        """Remove vectors by id; returns how many were removed (HNSW and the fast-scan kind cannot remove)."""
         if self.plan.kind in ("hnsw", "ivf_pq_fs"):
             raise ConfigError(f"{self.plan.factory} indexes cannot remove vectors; rebuild the index instead")
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
