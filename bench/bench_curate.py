@@ -163,7 +163,8 @@ def bench_scale(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     gone = pd.read_parquet(work / "run" / "dedup" / "removed.parquet")["row"].to_numpy()
     dedup, ret = report["steps"]["dedup"], report["steps"]["retrieval"]
-    return {"rows": rows, "dim": dim, "seeds": seeds, "distribution": args.distribution, "write_seconds": round(written, 1),
+    return {"rows": rows, "dim": dim, "seeds": seeds, "distribution": args.distribution,
+            "write_seconds": round(written, 1),
             "curate_seconds": round(wall, 1), "peak_rss_gb": round(peak_rss_gb(), 2),
             "index": dedup["index"]["plan"]["factory"], "search_params": dedup["index"]["search_params"],
             "recall@10": dedup["index"]["recall"]["recall"], "index_build_seconds": dedup["index"]["build_seconds"],

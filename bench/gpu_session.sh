@@ -2,12 +2,12 @@
 # Every GPU benchmark of bench/ in one short session on a lent GPU machine (results: docs/benchmarks.md).
 #
 # Command (from the repository root, on the GPU machine; OUT is where the logs and JSON files go):
-#     OUT=/tmp/gpu-results bash bench/gpu_session.sh            # ~8 minutes on one H100/H200
-#     SMOKE=1 OUT=/tmp/gpu-smoke bash bench/gpu_session.sh      # seconds on CPU: checks the script itself
+#     OUT=/tmp/gpu-results bash bench/gpu_session.sh            # 345 s on one H200 (2026-12-04)
+#     SMOKE=1 OUT=/tmp/gpu-smoke bash bench/gpu_session.sh      # ~3 min on 2 CPU cores: checks the script
 #
-# With INSTALL_WHEELS=1 (a machine without registry access), put wheels of the missing packages (pydantic, pydantic-core,
-# annotated-types, typing-inspection, foolbox for its sample images, timm) in .whl/ first: they are installed
-# into /tmp/site with the project itself (no dependency resolution, the machine's torch is used as is).
+# With INSTALL_WHEELS=1 (a machine without registry access), put wheels of the missing packages (pydantic,
+# pydantic-core, annotated-types, typing-inspection, foolbox for its sample images, timm) in .whl/ first: they
+# are installed into /tmp/site with the project itself (no dependency resolution; the machine's torch is used).
 # Each step has its own time limit and a failing step does not stop the next one.
 set -u
 OUT=${OUT:?set OUT to a folder for the results}

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if len({v.name for v in variants}) != len(variants):
         raise SystemExit("error: variant names must be unique")
     results = run_sweep(args, variants)
-    print("\n| variant | overrides | steps | final k-NN top-1 | teacher entropy | wall (s) |\n|---|---|---:|---:|---:|---:|")
+    print("\n| variant | overrides | steps | final k-NN top-1 | teacher entropy | wall (s) |\n"
+          "|---|---|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['variant']} | {' '.join(r['overrides']) or '(recipe)'} | {r['steps']} | {r['final_knn_top1']} "
               f"| {r['teacher_entropy']} | {r['wall_s']} |")
