@@ -152,7 +152,7 @@ def score_dedup(removed_ids: list[str], truth: Path) -> dict[str, Any]:
             "kept_none": sum(1 for g in sizes.index if removed_per_group[g] == int(sizes[g]))}
 
 
-def _embed(model: str, images: list[Image.Image], batch_size: int = 256) -> np.ndarray:
+def embed_images(model: str, images: list[Image.Image], batch_size: int = 256) -> np.ndarray:
     """CLS embeddings of PIL images with an artifact, preprocessed exactly as the extraction engine does."""
     import torch
 
@@ -183,8 +183,8 @@ def calibrate_threshold(model: str, spec: str, *, target_recall: float = 0.97, t
     rng = np.random.default_rng(seed)
     originals = [s.image for s in iter_good(source)]
     copies = [make_copy(im, rng, transforms or CopyTransforms()) for im in originals]
-    a = _embed(model, originals)
-    b = _embed(model, copies)
+    a = embed_images(model, originals)
+    b = embed_images(model, copies)
     a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     sims = b @ a.T  # [n copies, n originals]

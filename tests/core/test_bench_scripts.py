@@ -1,5 +1,5 @@
 """bench/pretrain_sweep.py runs its variants for real; bench_curate's synthetic embeddings have the documented
-geometry (docs/benchmarks.md#curation)."""
+geometry and bench/copy_difficulty.py scores copies as documented (docs/benchmarks.md#curation)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,35 @@ def test_isotropic_embeddings_have_weak_neighbours() -> None:
     sims = _neighbour_cosines(x, 300)
     # the 10th neighbour is barely closer than the 50th: the documented worst case for partition indexes
     assert np.median(sims[:, 9]) - np.median(sims[:, 49]) < 0.1
+
+
+def test_separability_scores_a_known_similarity_matrix() -> None:
+    from copy_difficulty import separability
+
+    # 20 copies of the first 20 of 40 images; copy i scores 0.9 + i/1000 with its original, 0.5 elsewhere,
+    # except copy 0 whose best impostor (image 30) scores 0.95
+    sims_copy = np.full((20, 40), 0.5)
+    sims_copy[np.arange(20), np.arange(20)] = 0.9 + np.arange(20) / 1000
+    sims_copy[0, 30] = 0.95
+    sims_pool = np.full((40, 40), 0.2)
+    sims_pool[5, 6] = sims_pool[6, 5] = 0.92  # one natural near-pair above the threshold
+    np.fill_diagonal(sims_pool, 1.0)  # ignored
+    r = separability(sims_copy, sims_pool, np.arange(20))
+    assert r["top1"] == pytest.approx(19 / 20)
+    assert r["threshold"] == pytest.approx(np.quantile(0.9 + np.arange(20) / 1000, 0.05))
+    assert r["impostor_above"] == pytest.approx(1 / 20)
+    assert r["natural_above"] == pytest.approx(2 / 40)
+
+
+def test_copy_difficulty_runs_on_real_images(tmp_path: Path) -> None:
+    out = tmp_path / "difficulty.json"
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "copy_difficulty.py"), "--source",
+                          "fmnist:test[:200]", "--copies", "20", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6 and all(0 <= r["top1"] <= 1 and -1 <= r["threshold"] <= 1 for r in rows)
+    assert "| pixels 28px blur 0.0 |" in res.stdout
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "copy_difficulty.py"), "--source",
+                          "fmnist:test[:10]", "--copies", "20"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "exceeds the 10 images" in bad.stderr
