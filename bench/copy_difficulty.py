@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from dinoforge.core.index.vectors import l2_normalize
+
 DESCRIPTORS = ((28, 0.0), (28, 1.0), (28, 2.0), (14, 0.0), (14, 1.0), (7, 0.0))
 
 
@@ -35,18 +37,16 @@ def _thumbnail(image: Image.Image, size: int, blur: float) -> np.ndarray:
     grey = image.convert("L").resize((28, 28), Image.Resampling.BICUBIC)
     if blur:
         grey = grey.filter(ImageFilter.GaussianBlur(blur))
-    return np.asarray(grey.resize((size, size), Image.Resampling.BOX), np.float64)
+    return np.asarray(grey.resize((size, size), Image.Resampling.BOX), np.float32)
 
 
-def _unit(x: np.ndarray, *, centre: bool = True) -> np.ndarray:
-    """Rows of ``x`` ``[n, ...]`` flattened, optionally centred, L2-normalised: ``[n, d]``.
+def _centred_unit(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` ``[n, ...]`` flattened, centred and L2-normalised: float32 ``[n, d]``.
 
     Centring each thumbnail makes the pixel similarity a correlation, blind to the brightness jitter.
     """
-    x = x.reshape(len(x), -1).astype(np.float64)
-    if centre:
-        x = x - x.mean(axis=1, keepdims=True)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = x.reshape(len(x), -1).astype(np.float32)
+    return l2_normalize(x - x.mean(axis=1, keepdims=True), inplace=True)
 
 
 def separability(sims_copy: np.ndarray, sims_pool: np.ndarray, originals: np.ndarray) -> dict[str, float]:
@@ -74,8 +74,8 @@ def _pixel_rows(images: list[Image.Image], copies: list[Image.Image], originals:
     rows = []
     for size, blur in DESCRIPTORS:
         pool = np.stack([_thumbnail(im, size, blur) for im in images])
-        p, flipped = _unit(pool), _unit(pool[:, :, ::-1])
-        c = _unit(np.stack([_thumbnail(im, size, blur) for im in copies]))
+        p, flipped = _centred_unit(pool), _centred_unit(pool[:, :, ::-1])
+        c = _centred_unit(np.stack([_thumbnail(im, size, blur) for im in copies]))
         # flip-symmetrised: a copy may be mirrored
         rows.append({"descriptor": f"pixels {size}px blur {blur}", **separability(
             np.maximum(c @ p.T, c @ flipped.T), np.maximum(p @ p.T, p @ flipped.T), originals)})
@@ -94,7 +94,7 @@ def run(source: str, num_copies: int, model: str | None, seed: int = 0) -> dict[
     copies = [make_copy(images[i], rng, CopyTransforms()) for i in originals]
     rows = _pixel_rows(images, copies, originals)
     if model:
-        p, c = _unit(embed_images(model, images), centre=False), _unit(embed_images(model, copies), centre=False)
+        p, c = l2_normalize(embed_images(model, images)), l2_normalize(embed_images(model, copies))
         rows.append({"descriptor": f"model {model}", **separability(c @ p.T, p @ p.T, originals)})
     return {"source": source, "images": len(images), "copies": num_copies, "rows": rows}
 
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="also score this artifact's CLS token")
     parser.add_argument("--out", type=Path, help="also write the result as JSON")
     args = parser.parse_args(argv)
+    if args.copies < 1:
+        parser.error("--copies must be >= 1")
     result = run(args.source, args.copies, args.model)
     print(f"{result['images']} images of {args.source}, {args.copies} copies")
     print("| descriptor | copy top-1 | threshold for recall 0.95 | copies with an impostor above | "

@@ -30,6 +30,7 @@ from dinoforge.core.config import StrictModel
 from dinoforge.core.data import IndexedSource, Sample
 from dinoforge.core.errors import DataError
 from dinoforge.core.fileio import atomic_open
+from dinoforge.core.index.vectors import l2_normalize
 
 
 class CopyTransforms(StrictModel):
@@ -183,10 +184,8 @@ def calibrate_threshold(model: str, spec: str, *, target_recall: float = 0.97, t
     rng = np.random.default_rng(seed)
     originals = [s.image for s in iter_good(source)]
     copies = [make_copy(im, rng, transforms or CopyTransforms()) for im in originals]
-    a = embed_images(model, originals)
-    b = embed_images(model, copies)
-    a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    a = l2_normalize(embed_images(model, originals), inplace=True)
+    b = l2_normalize(embed_images(model, copies), inplace=True)
     sims = b @ a.T  # [n copies, n originals]
     positive = np.diag(sims).copy()
     np.fill_diagonal(sims, -1.0)
