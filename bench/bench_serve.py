@@ -16,7 +16,7 @@ percent between minutes, which made ratios of windows measured minutes apart mea
 generator runs on the same machine as the servers: quote figures from a quiet machine, from one run.
 ``--quick`` is a small smoke test (tiny model, short runs, one round).
 
-Usage: python bench/bench_serve.py [--model ARTIFACT] [--concurrency 1,8,16,32] [--seconds 12] [--rounds 3]
+Usage: python bench/bench_serve.py [--model ARTIFACT] [--concurrency 1,8,16,32] [--seconds 20] [--rounds 3]
        [--extract-images 256] [--out r.json]
 """
 

@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
+    if args.parallel < 1 or args.threads < 1:
+        parser.error("--parallel and --threads must be >= 1")
     if args.smoke:
         args.recipe, args.variant = "tiny", args.variant or ["base=", "sk=model.centering=sinkhorn_knopp"]
         args.set = [*args.set, "train.max_steps=4", "knn.every_steps=null", "knn.at_end=false"]

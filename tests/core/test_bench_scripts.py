@@ -39,6 +39,13 @@ def test_pretrain_sweep_rejects_a_nameless_variant(tmp_path: Path) -> None:
     assert res.returncode != 0 and "has no name" in res.stderr
 
 
+def test_pretrain_sweep_rejects_zero_parallel_runs(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "pretrain_sweep.py"), "--parallel", "0"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2 and "--parallel and --threads must be >= 1" in res.stderr
+    assert not (tmp_path / "runs").exists()  # rejected before any run folder is made
+
+
 def _neighbour_cosines(x: np.ndarray, queries: int) -> np.ndarray:
     x = x.astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -99,3 +106,6 @@ def test_copy_difficulty_runs_on_real_images(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, str(REPO / "bench" / "copy_difficulty.py"), "--source",
                           "fmnist:test[:10]", "--copies", "20"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "exceeds the 10 images" in bad.stderr
+    none = subprocess.run([sys.executable, str(REPO / "bench" / "copy_difficulty.py"), "--copies", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert none.returncode == 2 and "--copies must be >= 1" in none.stderr
