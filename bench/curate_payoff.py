@@ -91,9 +91,10 @@ def _cli(*args: str) -> None:
 def _pretrain_and_eval(work: Path, name: str, manifest: Path, steps: int, labelled: tuple[Path, Path]) -> float:
     run = work / f"pretrain-{name}"
     # The recipe's schedules span 10 epochs: size an epoch so the whole schedule (warm-ups, cosine decay to
-    # min_lr) fits the budget instead of cutting it short or leaving steps unused.
+    # min_lr) fits the budget instead of cutting it short; rounded up so that exactly ``steps`` steps run
+    # (max_steps trims the at most 9 extra schedule steps).
     _cli("pretrain", "--config", "fmnist", f"run_dir={run}", f"data.source=manifest:{manifest}",
-         "schedule.epochs=10", f"schedule.epoch_length={max(1, steps // 10)}", f"train.max_steps={steps}",
+         "schedule.epochs=10", f"schedule.epoch_length={-(-steps // 10)}", f"train.max_steps={steps}",
          "train.max_minutes=null", "knn.every_steps=null", "knn.at_start=false", "knn.at_end=false",
          "monitor.progress=false")
     out = work / f"knn-{name}.json"
