@@ -41,11 +41,15 @@ class BackboneConfig(BaseModel):
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     drop_path_uniform: bool = False
     frozen_patch_embed: bool = Field(False, description="MoCo v3 trick: freeze a random patch projection.")
+    stem_channels: tuple[int, ...] = Field((), description="Stride-1 3x3 conv stem widths before the patch "
+                                           "projection (empty: the official linear patch embedding).")
 
     @model_validator(mode="after")
     def _check_heads(self) -> BackboneConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if any(c <= 0 for c in self.stem_channels):
+            raise ValueError(f"stem_channels must be positive, got {list(self.stem_channels)}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         return self

@@ -120,6 +120,13 @@ def _require(state: StateDict, key: str) -> torch.Tensor:
     return state[key]
 
 
+def _stem_channels(state: StateDict) -> tuple[int, ...]:
+    """Widths of a convolutional stem (``patch_embed.stem.{3i}.weight [C_out, C_in, 3, 3]``), or ``()``."""
+    convs = sorted(int(k.split(".")[2]) for k in state
+                   if k.startswith("patch_embed.stem.") and k.endswith(".weight") and state[k].ndim == 4)
+    return tuple(state[f"patch_embed.stem.{i}.weight"].shape[0] for i in convs)
+
+
 def infer_config(state: StateDict, *, num_heads: int | None = None, patch_size: int | None = None,
                  arch: str | None = None, head_dim: int = 64) -> BackboneConfig:
     """Read a :class:`BackboneConfig` off the tensors of a dinoforge-named state dict.
@@ -132,6 +139,9 @@ def infer_config(state: StateDict, *, num_heads: int | None = None, patch_size: 
     base = ARCHITECTURES[arch].model_dump() if arch else {}
     proj = _require(state, "patch_embed.proj.weight")  # [D, C, p, p]
     dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    stem = _stem_channels(state)
+    if stem:  # the projection reads the stem's last width; the image channels are the first conv's input
+        in_chans = state["patch_embed.stem.0.weight"].shape[1]
     if patch_size is not None and patch_size != patch:
         raise CheckpointError(f"--patch-size {patch_size} contradicts the patch kernel of size {patch}")
     depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
@@ -149,7 +159,7 @@ def infer_config(state: StateDict, *, num_heads: int | None = None, patch_size: 
     fields = {
         **base, "embed_dim": dim, "depth": depth, "num_heads": heads, "patch_size": patch, "in_chans": in_chans,
         "img_size": grid * patch, "ffn": "swiglu" if swiglu else "mlp", "mlp_hidden_dim": fc2.shape[1],
-        "mlp_ratio": fc2.shape[1] / dim, "num_register_tokens": reg,
+        "mlp_ratio": fc2.shape[1] / dim, "num_register_tokens": reg, "stem_channels": stem,
         "layerscale_init": 1e-5 if "blocks.0.ls1.gamma" in state else None,
         "qkv_bias": "blocks.0.attn.qkv.bias" in state, "proj_bias": "blocks.0.attn.proj.bias" in state,
         "ffn_bias": "blocks.0.mlp.fc1.bias" in state,

@@ -23,6 +23,7 @@ from torch import nn
 
 from dinoforge.core.backbone.block import Block
 from dinoforge.core.backbone.config import BackboneConfig
+from dinoforge.core.backbone.conv_stem import ConvStemPatchEmbed
 from dinoforge.core.backbone.pos_embed import interpolate_pos_embed
 
 DinoFeatures = dict[str, torch.Tensor]
@@ -59,12 +60,15 @@ class DinoVisionTransformer(VisionTransformer):
     """
 
     def __init__(self, config: BackboneConfig) -> None:
+        stem = {"embed_layer": functools.partial(ConvStemPatchEmbed, channels=config.stem_channels)} \
+            if config.stem_channels else {}
         super().__init__(
             img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans, num_classes=0,
             global_pool="token", embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads,
             mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias, init_values=config.layerscale_init,
             class_token=True, no_embed_class=False, reg_tokens=0, dynamic_img_size=True,
             norm_layer=functools.partial(nn.LayerNorm, eps=config.layernorm_eps), block_fn=_BlockFactory(config),
+            **stem,
         )
         self.config = config
         self.patch_size = config.patch_size

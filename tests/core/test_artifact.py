@@ -108,3 +108,14 @@ def test_existing_directory_is_not_overwritten_and_failed_write_leaves_nothing(t
         save_artifact(tmp_path / "b", Exploding(), name="b", provenance=Provenance(source="x"))  # type: ignore[arg-type]
     assert not (tmp_path / "b").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_conv_stem_backbone_roundtrips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_backbone("test", stem_channels=(8,)).eval()
+    save_artifact(tmp_path / "a", model, name="stem", provenance=Provenance(source="random-init"))
+    art = load_artifact(tmp_path / "a")
+    assert art.card.architecture.stem_channels == (8,)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(art.backbone.forward_features(x), model.forward_features(x))

@@ -130,3 +130,39 @@ def test_frozen_patch_embed_has_no_grad() -> None:
 
 def test_non_multiple_input_size_floors_to_patch_grid(model: torch.nn.Module) -> None:
     assert model.forward_features(torch.randn(1, 3, 60, 71)).shape == (1, 1 + 4 + 4 * 5, 64)
+
+
+def test_conv_stem_keeps_the_token_grid_and_masks() -> None:
+    torch.manual_seed(0)
+    model = build_backbone("test", stem_channels=(8, 16)).eval()
+    names = {n for n, _ in model.named_parameters() if n.startswith("patch_embed.")}
+    assert names == {"patch_embed.stem.0.weight", "patch_embed.stem.1.weight", "patch_embed.stem.1.bias",
+                     "patch_embed.stem.3.weight", "patch_embed.stem.4.weight", "patch_embed.stem.4.bias",
+                     "patch_embed.proj.weight", "patch_embed.proj.bias"}
+    assert model.patch_embed.proj.weight.shape == (64, 16, 14, 14)
+    x = torch.randn(2, 3, 56, 71)  # 4 x 5 grid; the remainder columns are dropped as with the plain embedding
+    out = model.forward_dino(x, masks=torch.zeros(2, 20, dtype=torch.bool))
+    assert out["x_norm_patchtokens"].shape == (2, 20, 64)
+    masks = torch.zeros(2, 20, dtype=torch.bool)
+    masks[:, 3] = True
+    tokens = model.prepare_tokens(x, masks)
+    pos = model.interpolate_pos_encoding((4, 5))
+    torch.testing.assert_close(tokens[:, 1 + 3], (model.mask_token + pos[0, 1 + 3]).expand(2, -1))
+
+
+def test_conv_stem_is_a_real_convolution_before_the_projection() -> None:
+    # The stem must see neighbouring pixels across patch borders: changing one pixel just outside a patch
+    # changes that patch's token (a plain stride-p projection would not).
+    torch.manual_seed(0)
+    plain, stem = build_backbone("test").eval(), build_backbone("test", stem_channels=(8,)).eval()
+    x = torch.randn(1, 3, 56, 56)
+    y = x.clone()
+    y[..., 0, 14] += 5.0  # first column of patch (0, 1): its 3x3 neighbourhood reaches into patch (0, 0)
+    for model, changes in ((plain, False), (stem, True)):
+        a, b = model.patch_embed(x)[0, 0, 0], model.patch_embed(y)[0, 0, 0]
+        assert (not torch.allclose(a, b)) is changes
+
+
+def test_conv_stem_rejects_bad_widths() -> None:
+    with pytest.raises(ConfigError, match="stem_channels"):
+        get_arch("test", stem_channels=(8, 0))

@@ -94,6 +94,19 @@ def test_infer_config_overrides_and_contradictions() -> None:
         infer_config(state, patch_size=16)
 
 
+def test_infer_config_reads_a_conv_stem() -> None:
+    torch.manual_seed(0)
+    model = build_backbone("test", stem_channels=(8, 16)).eval()
+    state = model.state_dict()
+    cfg = infer_config(state, num_heads=2)
+    assert cfg.stem_channels == (8, 16) and cfg.in_chans == 3 and cfg.patch_size == 14
+    rebuilt, _ = backbone_from_state_dict(state, num_heads=2)
+    rebuilt.eval()
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.forward_features(x), model.forward_features(x))
+
+
 def test_truncated_and_foreign_files_are_refused(tmp_path: Path) -> None:
     good = tmp_path / "good.pth"
     torch.save(build_backbone("test").state_dict(), good)
