@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="copies: descriptor training epochs")
     parser.add_argument("--model", help="copies: an existing copy-detection artifact instead of training one")
     parser.add_argument("--budget-steps", type=int, default=3000, help="payoff: pretraining steps per run")
+    parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="payoff: override of the fmnist pretraining recipe, after the budget's (repeatable)")
     parser.add_argument("--out", type=Path, help="also write the result as JSON")
     args = parser.parse_args(argv)
     if args.quick:

@@ -187,12 +187,14 @@ def run_fmnist(args: argparse.Namespace) -> list[dict[str, Any]]:
             cfg = load_distill_config(recipe, [f"run_dir={tmp}/{recipe}", f"teacher.path={teacher}", *common])
             student = cfg.students[0].backbone_config()
             rows.append({"device": device, "precision": cfg.train.precision, "mode": f"distill {cfg.mode}",
-                         "students": cfg.students[0].name, "step_s": _time_trainer(DistillTrainer(cfg), args.steps)})
+                         "students": cfg.students[0].name, "batch": cfg.data.batch_size,
+                         "step_s": _time_trainer(DistillTrainer(cfg), args.steps)})
         scratch = pre.model_copy(update={"model": pre.model.model_copy(update={"backbone": student})})
         rows.append({"device": device, "precision": scratch.train.precision, "mode": "pretrain from scratch",
-                     "students": "same student", "step_s": _time_trainer(Trainer(scratch), args.steps)})
-    for row in rows:
-        row["img_per_s"] = pre.data.batch_size / row["step_s"]
+                     "students": "same student", "batch": pre.data.batch_size,
+                     "step_s": _time_trainer(Trainer(scratch), args.steps)})
+    for row in rows:  # each recipe has its own batch size
+        row["img_per_s"] = row["batch"] / row["step_s"]
         print(f"| {row['device']} {row['precision']} | {row['mode']} | {row['students']} | {row['step_s']:.3f} | "
               f"{row['img_per_s']:.1f} | - |", flush=True)
     return rows

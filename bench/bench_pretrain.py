@@ -135,10 +135,10 @@ def fmnist_acceptance(run_dir: Path, extra: list[str], *, train: bool = True) ->
              pooling, "--ks", "10,20", "--no-progress", "--out", str(out))
         results[name] = json.loads(out.read_text())["results"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in records if "total_loss" in r]
-    summary = {"wall_seconds": wall if train else None, "train_seconds": train[-1]["train_seconds"], "steps": train[-1]["step"],
-               "images_seen": train[-1]["images_seen"], "knn_curve": [(r["step"], r["knn_top1"]) for r in records
-                                                                     if "knn_top1" in r], "knn": results}
+    last = [r for r in records if "total_loss" in r][-1]
+    summary = {"wall_seconds": wall if train else None, "train_seconds": last["train_seconds"], "steps": last["step"],
+               "images_seen": last["images_seen"], "knn_curve": [(r["step"], r["knn_top1"]) for r in records
+                                                                if "knn_top1" in r], "knn": results}
     lines = ["| model | features | k=10 top-1 | k=20 top-1 |", "|---|---|---:|---:|"]
     for name, per_feature in results.items():
         for feature, res in per_feature.items():

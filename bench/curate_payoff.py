@@ -88,7 +88,8 @@ def _cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "dinoforge.core.cli", *args], check=True, env=env)
 
 
-def _pretrain_and_eval(work: Path, name: str, manifest: Path, steps: int, labelled: tuple[Path, Path]) -> float:
+def _pretrain_and_eval(work: Path, name: str, manifest: Path, steps: int, labelled: tuple[Path, Path],
+                       extra: list[str]) -> float:
     run = work / f"pretrain-{name}"
     # The recipe's schedules span 10 epochs: size an epoch so the whole schedule (warm-ups, cosine decay to
     # min_lr) fits the budget instead of cutting it short; rounded up so that exactly ``steps`` steps run
@@ -96,7 +97,7 @@ def _pretrain_and_eval(work: Path, name: str, manifest: Path, steps: int, labell
     _cli("pretrain", "--config", "fmnist", f"run_dir={run}", f"data.source=manifest:{manifest}",
          "schedule.epochs=10", f"schedule.epoch_length={-(-steps // 10)}", f"train.max_steps={steps}",
          "train.max_minutes=null", "knn.every_steps=null", "knn.at_start=false", "knn.at_end=false",
-         "monitor.progress=false")
+         "monitor.progress=false", *extra)
     out = work / f"knn-{name}.json"
     _cli("eval", "knn", "--model", str(run / "artifact"), "--train", f"folder:{labelled[0]}", "--test",
          f"folder:{labelled[1]}", "--ks", "20", "--out", str(out), "--no-progress")
@@ -140,7 +141,7 @@ def run_payoff(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     in_domain = {name: float(classes.set_index("path").loc[list(paths), "fmnist_class"].isin(CLASSES).mean())
                  for name, paths in (("curated", curated["path"]), ("random", random_rows["path"]))}
     steps = args.budget_steps
-    top1 = {name: _pretrain_and_eval(work, name, manifest, steps, labelled)
+    top1 = {name: _pretrain_and_eval(work, name, manifest, steps, labelled, args.pretrain_set)
             for name, manifest in (("curated", work / "curate" / "manifest.csv"), ("random", work / "random.csv"))}
     return {"pool_images": len(classes), "subset_images": len(curated), "pretrain_steps": steps,
             "in_domain_fraction": in_domain, "knn_top1_k20": top1,
