@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -60,15 +61,15 @@ class DinoVisionTransformer(VisionTransformer):
     """
 
     def __init__(self, config: BackboneConfig) -> None:
-        stem = {"embed_layer": functools.partial(ConvStemPatchEmbed, channels=config.stem_channels)} \
-            if config.stem_channels else {}
+        embed_layer = functools.partial(ConvStemPatchEmbed, channels=config.stem_channels) \
+            if config.stem_channels else PatchEmbed
         super().__init__(
             img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans, num_classes=0,
             global_pool="token", embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads,
             mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias, init_values=config.layerscale_init,
             class_token=True, no_embed_class=False, reg_tokens=0, dynamic_img_size=True,
             norm_layer=functools.partial(nn.LayerNorm, eps=config.layernorm_eps), block_fn=_BlockFactory(config),
-            **stem,
+            embed_layer=embed_layer,
         )
         self.config = config
         self.patch_size = config.patch_size
