@@ -85,7 +85,9 @@ def _write_pool(work: Path, quick: bool) -> tuple[Path, pd.DataFrame]:
 
 def _cli(*args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    subprocess.run([sys.executable, "-m", "dinoforge.core.cli", *args], check=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "dinoforge.core.cli", *args], env=env)
+    if done.returncode != 0:  # its own message (e.g. a bad --pretrain-set override) is already on stderr
+        raise SystemExit(f"error: `dinoforge {args[0]}` failed with exit status {done.returncode}")
 
 
 def _pretrain_and_eval(work: Path, name: str, manifest: Path, steps: int, labelled: tuple[Path, Path],
