@@ -12,7 +12,8 @@ Usage::
         --variant base= --variant sk=model.centering=sinkhorn_knopp --out sweep.json
     python bench/pretrain_sweep.py --smoke     # seconds on CPU: the `tiny` recipe, 2 variants, 4 steps
 
-A variant is ``NAME=KEY=VALUE[,KEY=VALUE...]`` (an empty list is the recipe as it is).
+A variant is ``NAME=KEY=VALUE[,KEY=VALUE...]`` (an empty list is the recipe as it is; commas inside ``[...]``
+belong to a list value).
 """
 
 from __future__ import annotations
@@ -39,7 +40,18 @@ class Variant:
         name, _, rest = text.partition("=")
         if not name:
             raise SystemExit(f"error: variant {text!r} has no name (expected NAME=KEY=VALUE,...)")
-        return cls(name, [o for o in rest.split(",") if o])
+        return cls(name, [o for o in _split_top_level(rest) if o])
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, so a list value such as ``crops.color_jitter=[0.2,0.2,0,0]`` stays whole."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 def _command(args: argparse.Namespace, variant: Variant, run_dir: Path) -> list[str]:

@@ -39,6 +39,15 @@ def test_pretrain_sweep_rejects_a_nameless_variant(tmp_path: Path) -> None:
     assert res.returncode != 0 and "has no name" in res.stderr
 
 
+def test_pretrain_sweep_keeps_list_values_of_a_variant_whole() -> None:
+    from pretrain_sweep import Variant
+
+    v = Variant.parse("photo=crops.color_jitter=[0.2,0.2,0,0],crops.solarize_p=0,crops.ratio=[0.75,1.33]")
+    assert v.name == "photo"
+    assert v.overrides == ["crops.color_jitter=[0.2,0.2,0,0]", "crops.solarize_p=0", "crops.ratio=[0.75,1.33]"]
+    assert Variant.parse("base=").overrides == []
+
+
 def test_pretrain_sweep_rejects_zero_parallel_runs(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, str(REPO / "bench" / "pretrain_sweep.py"), "--parallel", "0"],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
