@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_curate import synthetic_chunks  # noqa: E402
+from knn_paired import mcnemar_p  # noqa: E402
 
 
 @pytest.mark.slow
@@ -118,3 +119,36 @@ def test_copy_difficulty_runs_on_real_images(tmp_path: Path) -> None:
     none = subprocess.run([sys.executable, str(REPO / "bench" / "copy_difficulty.py"), "--copies", "0"],
                           capture_output=True, text=True, timeout=300)
     assert none.returncode == 2 and "--copies must be >= 1" in none.stderr
+
+
+def test_mcnemar_p_matches_the_exact_binomial_test() -> None:
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(5, 5) == 1.0
+    assert mcnemar_p(0, 6) == pytest.approx(2 / 64)  # all 6 discordant pairs one way: 2 * 0.5**6
+    assert mcnemar_p(1, 9) == pytest.approx(2 * 11 / 1024)  # 2 * P(X <= 1), X ~ Bin(10, 0.5)
+    assert mcnemar_p(581, 555) == pytest.approx(mcnemar_p(555, 581)) and 0.4 < mcnemar_p(581, 555) < 0.5
+
+
+@pytest.mark.slow
+def test_knn_paired_counts_discordant_pairs_on_real_images(tmp_path: Path) -> None:
+    data = ["--train", "fmnist:train[~600@0]", "--test", "fmnist:test[~200@0]", "--k", "10"]
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "knn_paired.py"), "pixels", "pixels", *data],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    # a model against itself: identical predictions, no discordant pair, p = 1
+    assert out["n_test"] == 200 and out["top1_a"] == out["top1_b"] > 50
+    assert out["a_right_b_wrong"] == out["b_right_a_wrong"] == 0 and out["mcnemar_p"] == 1.0
+    art = tmp_path / "rand"
+    subprocess.run([sys.executable, "-m", "dinoforge.core.cli", "init", "test", "--out", str(art)], check=True,
+                   capture_output=True)
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "knn_paired.py"), "pixels", str(art), *data],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    # the accuracy gap is exactly the difference of the discordant counts
+    assert out["a_right_b_wrong"] + out["b_right_a_wrong"] > 0
+    gap = (out["a_right_b_wrong"] - out["b_right_a_wrong"]) / 2
+    assert out["top1_a"] - out["top1_b"] == pytest.approx(gap, abs=0.011)
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "knn_paired.py"), "pixels", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
