@@ -43,7 +43,7 @@ demo: install data
 	@echo "== 1/6 parity with the official DINOv2 code (golden fixtures)"
 	if [ -d $(FIXTURES) ]; then $(DF) parity $(FIXTURES) --json $(DEMO)/parity.json | tail -n 1; \
 	  else echo "skipped: $(FIXTURES) not found"; fi
-	@echo "== 2/6 pretrain the fmnist recipe with its schedule compressed to 480 steps (the full recipe: ~25 min, docs/benchmarks.md)"
+	@echo "== 2/6 pretrain the fmnist recipe with its schedule compressed to 480 steps (the full recipe: ~27 min, docs/benchmarks.md)"
 	$(DF) pretrain --config fmnist run_dir=$(DEMO)/pretrain schedule.epoch_length=48 knn.every_steps=null \
 	  knn.at_start=true $(SUBSETS) monitor.progress=false
 	$(DF) plot $(DEMO)/pretrain
