@@ -19,8 +19,12 @@ import argparse
 import json
 import math
 import sys
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from dinoforge.core.data import DataSource
 
 
 def mcnemar_p(a_only: int, b_only: int) -> float:
@@ -31,15 +35,14 @@ def mcnemar_p(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(low + 1)) / 2**n)
 
 
-def predictions(spec: str, train: str, test: str, *, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def predictions(spec: str, train_src: DataSource, test_src: DataSource, *, k: int,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(predicted [M], labels [M])`` of k-NN with ``spec``'s features."""
     from dinoforge.core.eval.features import extract_features
     from dinoforge.core.eval.knn import knn_class_scores
     from dinoforge.core.eval.model import load_eval_model
-    from dinoforge.core.eval.runner import open_pair
 
     model = load_eval_model(spec)
-    train_src, test_src = open_pair(train, test)
     feats = [extract_features(model.extractor, src, preprocess=model.preprocess, batch_size=500, progress=False)
              for src in (train_src, test_src)]
     name = feats[0].names[0]
@@ -58,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.07)
     args = p.parse_args(argv)
     from dinoforge.core.errors import DinoforgeError
+    from dinoforge.core.eval.runner import open_pair
 
     try:
-        pred_a, labels = predictions(args.model_a, args.train, args.test, k=args.k, temperature=args.temperature)
-        pred_b, _ = predictions(args.model_b, args.train, args.test, k=args.k, temperature=args.temperature)
+        sources = open_pair(args.train, args.test)  # opened once, read by both models
+        pred_a, labels = predictions(args.model_a, *sources, k=args.k, temperature=args.temperature)
+        pred_b, _ = predictions(args.model_b, *sources, k=args.k, temperature=args.temperature)
     except DinoforgeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
