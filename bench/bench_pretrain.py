@@ -98,7 +98,9 @@ def _run_variant(recipe: str, precision: str, compile_: str, opts: argparse.Name
 
 
 def _cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "dinoforge.core.cli", *args], check=True)
+    done = subprocess.run([sys.executable, "-m", "dinoforge.core.cli", *args])
+    if done.returncode != 0:  # its own message (e.g. a bad --set override) is already on stderr
+        raise SystemExit(f"error: `dinoforge {args[0]}` failed with exit status {done.returncode}")
 
 
 def _initial_teacher(run_dir: Path) -> Path:
