@@ -8,12 +8,16 @@ batch and added back scaled by ``b / kept``, which saves compute instead of mere
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 from timm.layers import Attention, DropPath, LayerScale, Mlp, SwiGLUPacked
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class RowSampler(Protocol):
@@ -27,6 +31,22 @@ class RowSampler(Protocol):
 def randperm_sampler(batch: int, keep: int, device: torch.device) -> torch.Tensor:
     """The official sampler: the first ``keep`` entries of a random permutation."""
     return torch.randperm(batch, device=device)[:keep]
+
+
+def sdpa_backend_for(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The attention-kernel context for a block input ``x`` (a no-op except for low precision on CPU).
+
+    On CPU, PyTorch's fused flash-attention kernel is far slower in bfloat16/float16 than in float32, its
+    backward above all (fwd+bwd of ``[64, 4, 17, 32]``: 9.2 ms in bf16 vs 1.1 ms in fp32, torch 2.14 on a
+    2-core AVX-512/AMX Xeon), which made bf16 autocast training slower than fp32 there. The math kernel in
+    bf16 runs the same call in 1.3 ms, so low-precision attention on CPU is routed to it; every other
+    device and dtype keeps PyTorch's own choice. ``bench/bench_pretrain.py`` measures the effect.
+    """
+    if x.device.type != "cpu":
+        return contextlib.nullcontext()
+    low = x.dtype in _LOW_PRECISION or (torch.is_autocast_enabled("cpu")
+                                        and torch.get_autocast_dtype("cpu") in _LOW_PRECISION)
+    return sdpa_kernel(SDPBackend.MATH) if low else contextlib.nullcontext()
 
 
 def kept_rows(batch: int, rate: float) -> int:
@@ -67,7 +87,8 @@ class Block(nn.Module):
         self.row_sampler: RowSampler = randperm_sampler
 
     def _attn_branch(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.attn(self.norm1(x), attn_mask=attn_mask)
+        with sdpa_backend_for(x):
+            return self.attn(self.norm1(x), attn_mask=attn_mask)
 
     def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.norm2(x))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dinoforge.core.backbone import ARCHITECTURES, build_backbone, drop_path_rates, get_arch
-from dinoforge.core.backbone.block import kept_rows
+from dinoforge.core.backbone.block import kept_rows, sdpa_backend_for
 from dinoforge.core.errors import ConfigError
 
 
@@ -166,3 +166,35 @@ def test_conv_stem_is_a_real_convolution_before_the_projection() -> None:
 def test_conv_stem_rejects_bad_widths() -> None:
     with pytest.raises(ConfigError, match="stem_channels"):
         get_arch("test", stem_channels=(8, 0))
+
+
+def _active_sdpa_backends(x: torch.Tensor) -> set[str]:
+    with sdpa_backend_for(x):
+        return {name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
+                                      ("math", torch.backends.cuda.math_sdp_enabled())) if on}
+
+
+def test_low_precision_cpu_attention_uses_the_math_kernel() -> None:
+    x32 = torch.randn(2, 5, 64)
+    assert _active_sdpa_backends(x32) == {"flash", "math"}  # fp32: PyTorch chooses
+    assert _active_sdpa_backends(x32.bfloat16()) == {"math"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _active_sdpa_backends(x32) == {"math"}
+    assert _active_sdpa_backends(x32) == {"flash", "math"}  # the context restores the flags
+
+
+def test_bf16_autocast_block_matches_fp32_forward_and_backward() -> None:
+    torch.manual_seed(0)
+    model = build_backbone("test").train()
+    x = torch.randn(4, 3, 56, 56)
+    out32 = model.forward_dino(x)["x_norm_clstoken"]
+    out32.square().sum().backward()
+    grad32 = model.blocks[0].attn.qkv.weight.grad.clone()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = model.forward_dino(x)["x_norm_clstoken"]
+    out16.float().square().sum().backward()
+    grad16 = model.blocks[0].attn.qkv.weight.grad
+    assert torch.allclose(out16.float(), out32, atol=0.1, rtol=0.05)
+    cos = torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0)
+    assert cos > 0.99
