@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_curate import synthetic_chunks  # noqa: E402
 from knn_paired import mcnemar_p  # noqa: E402
+from knn_variants import score_variants, variant_features  # noqa: E402
 
 
 @pytest.mark.slow
@@ -152,3 +154,49 @@ def test_knn_paired_counts_discordant_pairs_on_real_images(tmp_path: Path) -> No
     bad = subprocess.run([sys.executable, str(REPO / "bench" / "knn_paired.py"), "pixels", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_knn_variants_protocol_row_is_the_core_knn_and_flip_centre_do_what_they_say() -> None:
+    from dinoforge.core.eval.knn import knn_classify
+
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(300, 16, generator=g), torch.randn(80, 16, generator=g)
+    train_y, test_y = torch.randint(0, 4, (300,), generator=g), torch.randint(0, 4, (80,), generator=g)
+    train_m, test_m = torch.randn(300, 16, generator=g), torch.randn(80, 16, generator=g)
+    acc = score_variants({"plain": train, "mirror": train_m}, {"plain": test, "mirror": test_m}, train_y, test_y,
+                         k=10, temperature=0.07, num_classes=4)
+    ref = knn_classify(train, train_y, test, test_y, ks=(10,), temperature=0.07, num_classes=4)
+    assert acc["protocol"] == pytest.approx(ref.top1[10], abs=0.006)
+    # a mirror-symmetric feature: flip averaging only rescales it, so every neighbour and vote is unchanged
+    sym = score_variants({"plain": train, "mirror": train}, {"plain": test, "mirror": test}, train_y, test_y,
+                         k=10, temperature=0.07, num_classes=4)
+    assert sym["flip"] == sym["protocol"] and sym["flip+centred"] == sym["centred"]
+    x = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    mean = torch.tensor([0.3, 0.9])
+    assert torch.allclose(variant_features(x, x, "protocol"), torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    assert torch.allclose(variant_features(x, x.flip(-1), "flip"), torch.tensor([[1.4, 1.4], [1.0, 1.0]]))
+    assert torch.allclose(variant_features(x, x, "centred", mean), torch.tensor([[0.3, -0.1], [-0.3, 0.1]]))
+    with pytest.raises(ValueError, match="training-set mean"):
+        variant_features(x, x, "centred")
+
+
+@pytest.mark.slow
+def test_knn_variants_scores_pixels_and_a_model_on_real_images(tmp_path: Path) -> None:
+    art = tmp_path / "rand"
+    subprocess.run([sys.executable, "-m", "dinoforge.core.cli", "init", "test", "--out", str(art)], check=True,
+                   capture_output=True)
+    data = ["--train", "fmnist:train[~600@0]", "--test", "fmnist:test[~200@0]", "--k", "10"]
+    out = tmp_path / "v.json"
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "knn_variants.py"), "pixels", str(art), *data,
+                          "--sizes", "28,35", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["size"]) for r in rows] == [("pixels", None), (str(art), 28), (str(art), 35)]
+    for r in rows:
+        assert all(0 < r[v] <= 100 for v in ("protocol", "flip", "centred", "flip+centred"))
+    assert rows[0]["protocol"] > 50  # raw-pixel neighbours on Fashion-MNIST
+    assert f"| {art} | 35 |" in res.stdout
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "knn_variants.py"), str(tmp_path / "nope"), *data],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
