@@ -73,7 +73,7 @@ def variant_features(plain: torch.Tensor, mirror: torch.Tensor, variant: str,
 def score_variants(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], train_y: torch.Tensor,
                    test_y: torch.Tensor, *, k: int, temperature: float, num_classes: int) -> dict[str, float]:
     """k-NN top-1 (%) of every variant; ``train``/``test`` hold ``plain`` and ``mirror`` features."""
-    from dinoforge.core.eval.knn import knn_class_scores
+    from dinoforge.core.eval.knn import knn_classify
 
     out = {}
     for variant in VARIANTS:
@@ -81,8 +81,8 @@ def score_variants(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor]
         mean = variant_features(train["plain"], train["mirror"], base).mean(0) if "centred" in variant else None
         a = variant_features(train["plain"], train["mirror"], variant, mean)
         b = variant_features(test["plain"], test["mirror"], variant, mean)
-        scores = knn_class_scores(a, train_y, b, ks=(k,), temperature=temperature, num_classes=num_classes)[k]
-        out[variant] = round((scores.argmax(1) == test_y).float().mean().item() * 100, 2)
+        result = knn_classify(a, train_y, b, test_y, ks=(k,), temperature=temperature, num_classes=num_classes)
+        out[variant] = round(result.top1[k], 2)
     return out
 
 
