@@ -63,6 +63,12 @@ def _resolve_ks(ks: Sequence[int], n_train: int) -> dict[int, int]:
     return used
 
 
+def _check_temperature(temperature: float) -> None:
+    # the votes are exp(sim / T): T <= 0 inverts or breaks them instead of sharpening them
+    if not temperature > 0:
+        raise DataError(f"k-NN vote temperature must be positive, got {temperature}")
+
+
 def _chunk_scores(queries: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, k_used: dict[int, int],
                   temperature: float, num_classes: int) -> dict[int, torch.Tensor]:
     """Vote sums ``{k: [m, C]}`` for normalised ``queries [m, D]`` against normalised ``train [N, D]``."""
@@ -108,6 +114,7 @@ def knn_class_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     train_y = _check_labels(train_y, "training")
     classes = _num_classes(train_y, None, num_classes)
     k_used = _resolve_ks(ks, len(train_x))
+    _check_temperature(temperature)
     parts: dict[int, list[torch.Tensor]] = {k: [] for k in k_used}
     for _, scores in _iter_chunks(train_x, train_y, test_x, k_used, temperature, classes, chunk_size, device):
         for k, s in scores.items():
@@ -136,6 +143,7 @@ def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         raise DataError("k-NN: features and labels have different lengths")
     classes = _num_classes(train_y, test_y, num_classes)
     k_used = _resolve_ks(ks, len(train_x))
+    _check_temperature(temperature)
     correct1 = dict.fromkeys(k_used, 0)
     correct5 = dict.fromkeys(k_used, 0)
     top = min(5, classes)

@@ -98,6 +98,16 @@ def test_k_clamped_and_bad_labels() -> None:
         knn_classify(train_x, train_y, test_x[:, :2], test_y)
 
 
+@pytest.mark.parametrize("temperature", [0.0, -0.07, float("nan")])
+def test_non_positive_vote_temperature_is_an_error(temperature: float) -> None:
+    train_x, train_y = _clustered(30, 4, 3, seed=6)
+    test_x, test_y = _clustered(10, 4, 3, seed=7)
+    with pytest.raises(DataError, match="temperature must be positive"):
+        knn_classify(train_x, train_y, test_x, test_y, temperature=temperature)
+    with pytest.raises(DataError, match="temperature must be positive"):
+        knn_class_scores(train_x, train_y, test_x, temperature=temperature)
+
+
 def _brute_recall(q, g, qk, gk, k, qids=None, gids=None):  # noqa: ANN001, ANN202
     """Per query: float64 cosine to every allowed gallery item, sort, look for a relevant key in the top k."""
     qn = q.double() / q.double().norm(dim=1, keepdim=True)
