@@ -26,8 +26,8 @@ Result (2026-12-05) in docs/benchmarks.md#pretraining.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -112,19 +112,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     from dinoforge.core.errors import DinoforgeError
+    from dinoforge.core.eval.model import PIXELS
     from dinoforge.core.eval.runner import open_pair
+    from dinoforge.core.fileio import atomic_write_json
 
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()] or [None]
     except ValueError:
-        print(f"error: --sizes must be comma-separated integers, got {args.sizes!r}", file=sys.stderr)
+        sizes = [0]
+    if any(s is not None and s <= 0 for s in sizes):
+        print(f"error: --sizes must be comma-separated positive integers, got {args.sizes!r}", file=sys.stderr)
+        return 2
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # fail now, not after the extraction
+        print(f"error: --json {args.json}: its folder does not exist", file=sys.stderr)
         return 2
     rows = []
     print(f"| model | size | {' | '.join(VARIANTS)} |\n|---|---:|{'---:|' * len(VARIANTS)}")
     try:
         sources = open_pair(args.train, args.test)
         for spec in args.models:
-            for size in sizes if spec != "pixels" else [None]:
+            for size in sizes if spec != PIXELS else [None]:
                 acc = evaluate(spec, size, *sources, k=args.k, temperature=args.temperature)
                 rows.append({"model": spec, "size": size, **acc})
                 print(f"| {spec} | {size or 'contract'} | {' | '.join(f'{acc[v]:.2f}' for v in VARIANTS)} |",
@@ -133,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"train": args.train, "test": args.test, "k": args.k, "rows": rows}, f, indent=1)
+        atomic_write_json(args.json, {"train": args.train, "test": args.test, "k": args.k, "rows": rows}, indent=1)
     return 0
 
 
