@@ -77,10 +77,26 @@ def init_runtime(device: str, *, threads: int | None = None) -> Runtime:
     return Runtime(device=dev, rank=rank, world_size=world, local_rank=local_rank)
 
 
+# The handle of each process's last barrier, kept until the interpreter exits (see ``shutdown_runtime``).
+_LAST_BARRIER: list[dist.Work] = []
+
+
 def shutdown_runtime(runtime: Runtime) -> None:
-    """Leave the process group (if this process joined one)."""
+    """Leave the process group (if this process joined one).
+
+    Why the last barrier's handle is kept: a gloo barrier holds weak references to the collectives still in
+    flight when it was issued (here FSDP all-gathers of the export), and freeing it frees their tensors. If a
+    gloo worker thread drops the last reference, it must take the GIL to free them; when that happens after the
+    main thread has begun interpreter shutdown, CPython ends the worker thread and the process aborts
+    ("terminate called without an active exception", seen about once in 60 two-process runs on 2 busy cores;
+    gdb: ``ProcessGroupGloo::runLoop`` -> ``~AsyncBarrierWork`` -> ``~AsyncAllgatherCoalescedWork`` ->
+    ``gil_scoped_acquire``). Holding the handle here makes the main thread the last owner, so the chain is
+    freed by the main thread at exit and the worker threads are idle by then.
+    """
     if runtime.distributed and dist.is_initialized():
-        dist.barrier()
+        work = dist.barrier(async_op=True)
+        work.wait()
+        _LAST_BARRIER.append(work)
         dist.destroy_process_group()
 
 
