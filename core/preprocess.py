@@ -54,6 +54,13 @@ class PreprocessConfig(StrictModel):
             raise ValueError("std entries must be positive")
         if self.mode == "center_crop" and self.resize_size is not None and self.resize_size < self.size:
             raise ValueError(f"resize_size {self.resize_size} is smaller than the crop size {self.size}")
+        rest = self.size % self.patch_size
+        if self.mode != "patch_multiple" and rest:
+            # the patch embedding floors the grid: the last pixel rows/columns would never reach the model
+            below, above = self.size - rest, self.size - rest + self.patch_size
+            hint = f"{below} or {above}" if below else str(above)
+            raise ValueError(f"size {self.size} is not a multiple of patch_size {self.patch_size}: the backbone "
+                             f"would ignore the last {rest} pixel rows and columns (use {hint})")
         return self
 
 

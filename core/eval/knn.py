@@ -53,20 +53,26 @@ def _check_labels(labels: torch.Tensor, what: str) -> torch.Tensor:
     return labels
 
 
-def _resolve_ks(ks: Sequence[int], n_train: int) -> dict[int, int]:
+def check_knn_settings(ks: Sequence[int], temperature: float) -> None:
+    """Reject neighbour counts and vote temperatures that no data could make valid.
+
+    The k-NN functions call it; ``run_knn`` calls it before extracting any features, so a bad setting fails
+    in a moment instead of after a long extraction.
+    """
     if not ks or any(int(k) <= 0 for k in ks):
         raise DataError(f"k values must be positive, got {list(ks)}")
+    # the votes are exp(sim / T): T <= 0 inverts or breaks them instead of sharpening them
+    if not temperature > 0:
+        raise DataError(f"k-NN vote temperature must be positive, got {temperature}")
+
+
+def _resolve_ks(ks: Sequence[int], n_train: int) -> dict[int, int]:
     used = {int(k): min(int(k), n_train) for k in ks}
     for k, u in used.items():
         if u < k:
             log.warning("k=%d is larger than the %d training samples: using k=%d", k, n_train, u)
     return used
 
-
-def _check_temperature(temperature: float) -> None:
-    # the votes are exp(sim / T): T <= 0 inverts or breaks them instead of sharpening them
-    if not temperature > 0:
-        raise DataError(f"k-NN vote temperature must be positive, got {temperature}")
 
 
 def _chunk_scores(queries: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, k_used: dict[int, int],
@@ -113,8 +119,8 @@ def knn_class_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     """
     train_y = _check_labels(train_y, "training")
     classes = _num_classes(train_y, None, num_classes)
+    check_knn_settings(ks, temperature)
     k_used = _resolve_ks(ks, len(train_x))
-    _check_temperature(temperature)
     parts: dict[int, list[torch.Tensor]] = {k: [] for k in k_used}
     for _, scores in _iter_chunks(train_x, train_y, test_x, k_used, temperature, classes, chunk_size, device):
         for k, s in scores.items():
@@ -142,8 +148,8 @@ def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     if len(train_y) != len(train_x) or len(test_y) != len(test_x):
         raise DataError("k-NN: features and labels have different lengths")
     classes = _num_classes(train_y, test_y, num_classes)
+    check_knn_settings(ks, temperature)
     k_used = _resolve_ks(ks, len(train_x))
-    _check_temperature(temperature)
     correct1 = dict.fromkeys(k_used, 0)
     correct5 = dict.fromkeys(k_used, 0)
     top = min(5, classes)

@@ -20,7 +20,7 @@ from dinoforge.core import __version__
 from dinoforge.core.data import DataSource, open_source
 from dinoforge.core.errors import DataError
 from dinoforge.core.eval.features import FeatureSet, extract_features
-from dinoforge.core.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
+from dinoforge.core.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, check_knn_settings, knn_classify
 from dinoforge.core.eval.linear import LinearProbeConfig, linear_probe
 from dinoforge.core.eval.model import EvalModel
 from dinoforge.core.eval.retrieval import DEFAULT_RECALL_KS, retrieval_recall
@@ -71,6 +71,7 @@ def run_knn(model: EvalModel, train: str | DataSource, test: str | DataSource, *
             temperature: float = DEFAULT_TEMPERATURE, batch_size: int = 256, num_workers: int = 0,
             chunk_size: int = 256, progress: bool = True) -> dict[str, Any]:
     """k-NN accuracy of ``model``'s features (every pooling it computes) trained on ``train``, tested on ``test``."""
+    check_knn_settings(ks, temperature)
     started = time.perf_counter()
     train_src, test_src = open_pair(train, test)
     kw = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}

@@ -95,6 +95,15 @@ def test_bad_input_exits_2(args: list[str], message: str, capsys: pytest.Capture
     assert code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("temperature", ["0", "-0.07", "nan"])
+def test_bad_temperature_fails_before_any_data_is_read(temperature: str, capsys: pytest.CaptureFixture) -> None:
+    # the test spec does not exist: the temperature error proves nothing was opened or extracted first
+    code = main(["eval", "knn", "--model", "pixels", "--no-progress", "--train", "fmnist:train",
+                 "--test", "manifest:/no/such/list.csv", "--temperature", temperature])
+    err = capsys.readouterr().err
+    assert code == 2 and "temperature must be positive" in err and "does not exist" not in err
+
+
 def test_unlabelled_data_and_missing_model(sample_images_dir: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:
     for f in sorted(sample_images_dir.glob("cifar10_*"))[:4]:

@@ -135,3 +135,15 @@ def test_pil_to_uint8_layout() -> None:
     img = Image.new("RGB", (3, 2), (1, 2, 3))
     t = pil_to_uint8(img)
     assert t.shape == (3, 2, 3) and t.dtype == torch.uint8 and t[:, 0, 0].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("mode, size, patch, hint", [
+    ("resize", 30, 7, "use 28 or 35"), ("center_crop", 230, 14, "use 224 or 238"), ("resize", 5, 7, "use 7)"),
+])
+def test_a_fixed_size_that_is_not_a_patch_multiple_is_rejected(mode: str, size: int, patch: int, hint: str) -> None:
+    # the patch embedding would floor the grid and silently drop the last pixel rows and columns
+    with pytest.raises(ValueError, match=f"size {size} is not a multiple of patch_size {patch}") as err:
+        PreprocessConfig(mode=mode, size=size, resize_size=None, patch_size=patch)
+    assert hint in str(err.value)
+    # patch_multiple rounds every side itself, so any size is fine there
+    assert output_size(30, 45, PreprocessConfig(mode="patch_multiple", size=size, patch_size=patch))[0] % patch == 0
