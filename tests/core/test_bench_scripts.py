@@ -188,15 +188,15 @@ def test_knn_variants_scores_pixels_and_a_model_on_real_images(tmp_path: Path) -
     data = ["--train", "fmnist:train[~600@0]", "--test", "fmnist:test[~200@0]", "--k", "10"]
     out = tmp_path / "v.json"
     res = subprocess.run([sys.executable, str(REPO / "bench" / "knn_variants.py"), "pixels", str(art), *data,
-                          "--sizes", "28,35", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          "--sizes", "28,42", "--json", str(out)], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["size"]) for r in rows] == [("pixels", None), (str(art), 28), (str(art), 35)]
+    assert [(r["model"], r["size"]) for r in rows] == [("pixels", None), (str(art), 28), (str(art), 42)]
     for r in rows:
         assert all(0 < r[v] <= 100 for v in ("protocol", "flip", "centred", "flip+centred"))
     assert rows[0]["protocol"] > 50  # raw-pixel neighbours on Fashion-MNIST
-    assert f"| {art} | 35 |" in res.stdout
+    assert f"| {art} | 42 |" in res.stdout
     bad = subprocess.run([sys.executable, str(REPO / "bench" / "knn_variants.py"), str(tmp_path / "nope"), *data],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
