@@ -74,7 +74,6 @@ def _resolve_ks(ks: Sequence[int], n_train: int) -> dict[int, int]:
     return used
 
 
-
 def _chunk_scores(queries: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, k_used: dict[int, int],
                   temperature: float, num_classes: int) -> dict[int, torch.Tensor]:
     """Vote sums ``{k: [m, C]}`` for normalised ``queries [m, D]`` against normalised ``train [N, D]``."""
