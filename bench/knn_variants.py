@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     from dinoforge.core.errors import DinoforgeError
+    from dinoforge.core.eval.knn import check_knn_settings
     from dinoforge.core.eval.model import PIXELS
     from dinoforge.core.eval.runner import open_pair
     from dinoforge.core.fileio import atomic_write_json
@@ -127,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --json {args.json}: its folder does not exist", file=sys.stderr)
         return 2
     rows = []
-    print(f"| model | size | {' | '.join(VARIANTS)} |\n|---|---:|{'---:|' * len(VARIANTS)}")
     try:
+        check_knn_settings((args.k,), args.temperature)  # fail now, not after the first extraction
         sources = open_pair(args.train, args.test)
+        print(f"| model | size | {' | '.join(VARIANTS)} |\n|---|---:|{'---:|' * len(VARIANTS)}")
         for spec in args.models:
             for size in sizes if spec != PIXELS else [None]:
                 acc = evaluate(spec, size, *sources, k=args.k, temperature=args.temperature)

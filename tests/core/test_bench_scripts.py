@@ -201,7 +201,7 @@ def test_knn_variants_scores_pixels_and_a_model_on_real_images(tmp_path: Path) -
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
     for extra in (["--sizes", "0"], ["--sizes", "abc"], ["--json", str(tmp_path / "no" / "v.json")],
-                  ["--temperature", "0"]):
+                  ["--temperature", "0"], ["--k", "0"]):
         bad = subprocess.run([sys.executable, str(REPO / "bench" / "knn_variants.py"), "pixels", *data, *extra],
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr, extra
