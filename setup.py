@@ -7,7 +7,7 @@ not claim generic import names such as ``core`` or ``serve``. Every folder is th
 
 from setuptools import find_packages, setup
 
-STAGES = ("core", "pretrain", "distill", "export", "serve")
+STAGES = ("core", "curate", "pretrain", "distill", "export", "serve")
 
 packages: list[str] = []
 package_dir: dict[str, str] = {}

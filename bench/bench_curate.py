@@ -39,8 +39,8 @@ from curate_payoff import foolbox_data, run_payoff  # noqa: E402
 
 from dinoforge.core.config import build_config  # noqa: E402
 from dinoforge.core.extract import write_feature_store  # noqa: E402
-from dinoforge.pretrain.curate.config import CurateConfig  # noqa: E402
-from dinoforge.pretrain.curate.pipeline import run_curation  # noqa: E402
+from dinoforge.curate.config import CurateConfig  # noqa: E402
+from dinoforge.curate.pipeline import run_curation  # noqa: E402
 
 
 def machine() -> dict[str, Any]:
@@ -194,8 +194,8 @@ def skimage_folder(folder: Path) -> Path:
 
 def bench_copies(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from dinoforge.core.data import open_source
-    from dinoforge.pretrain.curate.copydetect import calibrate_threshold, score_dedup, write_pool_with_copies
-    from dinoforge.pretrain.curate.descriptor import DescriptorConfig, train_descriptor
+    from dinoforge.curate.copydetect import calibrate_threshold, score_dedup, write_pool_with_copies
+    from dinoforge.curate.descriptor import DescriptorConfig, train_descriptor
 
     fmnist_train = max(0, args.pool - 10_000 - 1000)
     foolbox = foolbox_data()

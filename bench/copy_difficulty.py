@@ -84,7 +84,7 @@ def _pixel_rows(images: list[Image.Image], copies: list[Image.Image], originals:
 
 def run(source: str, num_copies: int, model: str | None, seed: int = 0) -> dict[str, Any]:
     from dinoforge.core.data import iter_good, open_source
-    from dinoforge.pretrain.curate.copydetect import CopyTransforms, embed_images, make_copy
+    from dinoforge.curate.copydetect import CopyTransforms, embed_images, make_copy
 
     images = [s.image for s in iter_good(open_source(source))]
     if num_copies > len(images):

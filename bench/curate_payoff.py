@@ -6,7 +6,7 @@ Setup (all real images, labels used only for evaluation and for the diagnostic i
   (``--seeds-per-class`` per class from train[:30000]) are the seeds, its test images the k-NN test set;
 * pool: Fashion-MNIST train[30000:60000] (all 10 classes, unlabelled as far as curation knows), tuxpaint
   stamps and foolbox samples, written as PNG files;
-* curated subset: ``dinoforge curate`` with recipe ``pretrain/curate/recipes/payoff_fmnist.yaml`` (self-dedup,
+* curated subset: ``dinoforge curate`` with recipe ``curate/recipes/payoff_fmnist.yaml`` (self-dedup,
   sample- and cluster-based retrieval from the seeds); random subset: as many pool files drawn uniformly;
 * both subsets pretrain the same model (``pretrain/recipes/fmnist.yaml``) for the same number of steps, then
   ``dinoforge eval knn`` (train = seeds, test = the labelled test images) scores each teacher.
@@ -125,8 +125,8 @@ def _find_top1(result: dict[str, Any]) -> float:
 def run_payoff(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Build the sets, curate, draw the random subset, pretrain both and compare k-NN top-1."""
     from dinoforge.core.config import load_config
-    from dinoforge.pretrain.curate.config import CurateConfig
-    from dinoforge.pretrain.curate.pipeline import run_curation
+    from dinoforge.curate.config import CurateConfig
+    from dinoforge.curate.pipeline import run_curation
 
     labelled = _write_labelled(work, 40 if args.quick else 400)
     pool, classes = _write_pool(work, args.quick)

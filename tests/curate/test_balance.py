@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dinoforge.core.index import ArrayVectors
-from dinoforge.pretrain.curate.balance import balanced_sample, water_fill
-from dinoforge.pretrain.curate.kmeans import closest_members, hierarchical_kmeans
+from dinoforge.curate.balance import balanced_sample, water_fill
+from dinoforge.curate.kmeans import closest_members, hierarchical_kmeans
 
 SIZES = (20000, 200, 1000, 500, 8000)
 

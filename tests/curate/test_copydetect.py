@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from dinoforge.core.data import open_source
-from dinoforge.pretrain.curate.copydetect import (CopyTransforms, make_copy, make_copy_jpeg, score_dedup,
+from dinoforge.curate.copydetect import (CopyTransforms, make_copy, make_copy_jpeg, score_dedup,
                                                   write_pool_with_copies)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dinoforge.core.artifact import load_artifact
 from dinoforge.core.cli import main as cli_main
-from dinoforge.pretrain.curate.descriptor import CopyAugment, DescriptorConfig, info_nce, koleo, load_pixels
+from dinoforge.curate.descriptor import CopyAugment, DescriptorConfig, info_nce, koleo, load_pixels
 
 
 def test_info_nce_matches_the_formula() -> None:

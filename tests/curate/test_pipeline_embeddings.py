@@ -16,8 +16,8 @@ import pytest
 
 from dinoforge.core.config import build_config
 from dinoforge.core.extract import write_feature_store
-from dinoforge.pretrain.curate.config import CurateConfig
-from dinoforge.pretrain.curate.pipeline import run_curation
+from dinoforge.curate.config import CurateConfig
+from dinoforge.curate.pipeline import run_curation
 
 DIM, SELF_T, REL_T, K = 32, 0.97, 0.9, 4
 

@@ -6,7 +6,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from dinoforge.pretrain.curate.unionfind import UnionFind, component_sizes
+from dinoforge.curate.unionfind import UnionFind, component_sizes
 
 
 def test_components_match_scipy_with_edges_in_batches() -> None:

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 from dinoforge.core.extract import FeatureStore
 from dinoforge.core.fileio import atomic_open, atomic_write_json
 from dinoforge.core.index import ShardedVectors, SubsetVectors
-from dinoforge.pretrain.curate.config import RelativeDedupConfig
-from dinoforge.pretrain.curate.search import build_or_load, read_chunks, sharded_search
-from dinoforge.pretrain.curate.state import RunState
+from dinoforge.curate.config import RelativeDedupConfig
+from dinoforge.curate.search import build_or_load, read_chunks, sharded_search
+from dinoforge.curate.state import RunState
 
 
 class _Leaks:

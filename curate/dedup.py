@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 from dinoforge.core.extract import FeatureStore
 from dinoforge.core.fileio import atomic_open, atomic_write_json
 from dinoforge.core.index import SubsetVectors
-from dinoforge.pretrain.curate.config import DedupConfig
-from dinoforge.pretrain.curate.search import build_or_load, read_chunks, sharded_search
-from dinoforge.pretrain.curate.state import RunState
-from dinoforge.pretrain.curate.unionfind import UnionFind, component_sizes
+from dinoforge.curate.config import DedupConfig
+from dinoforge.curate.search import build_or_load, read_chunks, sharded_search
+from dinoforge.curate.state import RunState
+from dinoforge.curate.unionfind import UnionFind, component_sizes
 
 
 def exact_groups(hashes: list[str | None] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

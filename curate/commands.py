@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _curate(args: argparse.Namespace) -> int:
     from dinoforge.core.config import load_config
-    from dinoforge.pretrain.curate.config import CurateConfig
-    from dinoforge.pretrain.curate.pipeline import run_curation
+    from dinoforge.curate.config import CurateConfig
+    from dinoforge.curate.pipeline import run_curation
 
     cfg = load_config(CurateConfig, args.config, args.overrides)
     report = run_curation(cfg)
@@ -44,7 +44,7 @@ def _curate(args: argparse.Namespace) -> int:
 
 def _descriptor(args: argparse.Namespace) -> int:
     from dinoforge.core.config import apply_overrides, build_config, read_yaml
-    from dinoforge.pretrain.curate.descriptor import DescriptorConfig, train_descriptor
+    from dinoforge.curate.descriptor import DescriptorConfig, train_descriptor
 
     data = read_yaml(args.config) if args.config else {}
     data = apply_overrides({**data, "data": args.data, "out": args.out}, args.overrides)

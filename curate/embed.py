@@ -19,8 +19,8 @@ from dinoforge.core.artifact import is_artifact, read_card
 from dinoforge.core.errors import CheckpointError, DataError
 from dinoforge.core.extract import ExtractConfig, FeatureStore, run_extraction
 from dinoforge.core.fileio import sha256_file
-from dinoforge.pretrain.curate.config import FEATURES_SCHEME, CurateConfig
-from dinoforge.pretrain.curate.state import RunState
+from dinoforge.curate.config import FEATURES_SCHEME, CurateConfig
+from dinoforge.curate.state import RunState
 
 log = logging.getLogger("dinoforge.curate")
 

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 from dinoforge.core.extract import FeatureStore
 from dinoforge.core.fileio import atomic_open, atomic_write_json
 from dinoforge.core.index import SubsetVectors
-from dinoforge.pretrain.curate.balance import balanced_sample
-from dinoforge.pretrain.curate.config import BalanceConfig, CurateConfig
-from dinoforge.pretrain.curate.kmeans import hierarchical_kmeans
-from dinoforge.pretrain.curate.manifest import build_manifest, retrieved_table, write_manifest
-from dinoforge.pretrain.curate.plots import cluster_size_histogram, retrieval_grid
-from dinoforge.pretrain.curate.state import RunState
+from dinoforge.curate.balance import balanced_sample
+from dinoforge.curate.config import BalanceConfig, CurateConfig
+from dinoforge.curate.kmeans import hierarchical_kmeans
+from dinoforge.curate.manifest import build_manifest, retrieved_table, write_manifest
+from dinoforge.curate.plots import cluster_size_histogram, retrieval_grid
+from dinoforge.curate.state import RunState
 
 
 def run_balance(state: RunState, pool: FeatureStore, feature: str, rows: np.ndarray, cfg: BalanceConfig,

@@ -26,11 +26,11 @@ import pyarrow.parquet as pq
 from dinoforge.core.extract import FeatureStore
 from dinoforge.core.fileio import atomic_open
 from dinoforge.core.index import SubsetVectors
-from dinoforge.pretrain.curate.balance import water_fill
-from dinoforge.pretrain.curate.config import ClusterRetrievalConfig
-from dinoforge.pretrain.curate.kmeans import assign, train_centroids
-from dinoforge.pretrain.curate.search import PoolIndex, read_chunks, sharded_search
-from dinoforge.pretrain.curate.state import RunState
+from dinoforge.curate.balance import water_fill
+from dinoforge.curate.config import ClusterRetrievalConfig
+from dinoforge.curate.kmeans import assign, train_centroids
+from dinoforge.curate.search import PoolIndex, read_chunks, sharded_search
+from dinoforge.curate.state import RunState
 
 
 class _Neighbours:

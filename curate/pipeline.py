@@ -17,13 +17,13 @@ import numpy as np
 from dinoforge.core.config import save_config
 from dinoforge.core.extract.distributed import RankInfo, finish, init_ranks
 from dinoforge.core.index import SubsetVectors
-from dinoforge.pretrain.curate import dedup, relative
-from dinoforge.pretrain.curate.config import CurateConfig
-from dinoforge.pretrain.curate.embed import Embeddings, run_embed
-from dinoforge.pretrain.curate.retrieval import cluster_retrieval, sample_retrieval
-from dinoforge.pretrain.curate.search import PoolIndex, build_or_load
-from dinoforge.pretrain.curate.state import RunState, fingerprint
-from dinoforge.pretrain.curate.steps import run_balance, run_manifest, selection
+from dinoforge.curate import dedup, relative
+from dinoforge.curate.config import CurateConfig
+from dinoforge.curate.embed import Embeddings, run_embed
+from dinoforge.curate.retrieval import cluster_retrieval, sample_retrieval
+from dinoforge.curate.search import PoolIndex, build_or_load
+from dinoforge.curate.state import RunState, fingerprint
+from dinoforge.curate.steps import run_balance, run_manifest, selection
 
 log = logging.getLogger("dinoforge.curate")
 

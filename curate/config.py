@@ -4,7 +4,7 @@ Thresholds are **cosine similarities** of L2-normalised embeddings, and a pair i
 similarity is **greater than or equal to** the threshold (as in DINOv2's description of LVD-142M, which
 quotes similarity thresholds). "Within 0.45 of an evaluation image" therefore means cosine similarity
 ``>= 0.45``, i.e. cosine distance ``<= 0.55``. Suitable values depend on the embedding model: calibrate them
-on injected copies (see :mod:`dinoforge.pretrain.curate.copydetect`).
+on injected copies (see :mod:`dinoforge.curate.copydetect`).
 """
 
 from __future__ import annotations

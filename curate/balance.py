@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dinoforge.pretrain.curate.kmeans import Hierarchy
+from dinoforge.curate.kmeans import Hierarchy
 
 
 def water_fill(capacities: np.ndarray, total: int) -> np.ndarray:
