@@ -1,7 +1,7 @@
 """End-to-end serving benchmark: `dinoforge serve` vs the raw backend vs Triton (PyTriton), one run.
 
 For each concurrency level C, closed-loop clients (each waits for its answer before sending the next image)
-send one JPEG per request; we report images/s and p50/p95/p99 latency of
+send one JPEG per request; the script reports images/s and p50/p95/p99 latency of
 
 * ``raw torch`` / ``raw onnxruntime``: the backend alone on pre-decoded, preprocessed tensors, batch C
   (the ceiling a server with perfect batching could reach; target: serve >= 95 % of it at C = 16 on CPU);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of bench/ in one short session on a lent GPU machine (results: docs/benchmarks.md).
+# Every GPU benchmark of bench/ in one short run on a lent GPU machine (results: docs/benchmarks.md).
 #
 # Command (from the repository root, on the GPU machine; OUT is where the logs and JSON files go):
 #     OUT=/tmp/gpu-results bash bench/gpu_session.sh            # 345 s on one H200 (2026-12-04)
