@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from dinoforge.core.data.sample import UNLABELLED, BadSample, Record, Sample
-from dinoforge.core.errors import ImageDecodeError
+from dinoforge.core.errors import DataError, ImageDecodeError
 
 SampleOrBad = Sample | BadSample
 
@@ -99,8 +99,6 @@ class IndexedSource(DataSource, Dataset):
 
     def subset(self, indices: Sequence[int] | np.ndarray, *, spec: str | None = None) -> IndexedSource:
         """A view on the given entries, in the given order."""
-        from dinoforge.core.data.subset import SubsetSource
-
         return SubsetSource(self, indices, spec=spec)
 
 
@@ -116,3 +114,34 @@ class StreamingSource(DataSource, IterableDataset):
     def state(self) -> dict[str, Any]:
         """What identifies a pass (for logs)."""
         return {"spec": self.spec, "epoch": self.epoch}
+
+
+class SubsetSource(IndexedSource):
+    """Entries ``indices`` of ``parent``, in that order (ids, labels and classes are the parent's)."""
+
+    def __init__(self, parent: IndexedSource, indices: Sequence[int] | np.ndarray, *, spec: str | None = None) -> None:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(parent)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise DataError(f"subset indices out of range for {parent.spec} ({n} samples)")
+        self.parent, self.indices = parent, idx % n if n else idx
+        self.classes = parent.classes
+        self.spec = spec or f"{parent.spec}[subset of {len(idx)}]"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def record(self, index: int) -> Record:
+        return self.parent.record(int(self.indices[index]))
+
+    def _load_image(self, index: int, record: Record) -> Image.Image:
+        return self.parent._load_image(int(self.indices[index]), record)
+
+    @property
+    def ids(self) -> list[str]:
+        ids = self.parent.ids
+        return [ids[i] for i in self.indices]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.parent.labels[self.indices]

@@ -13,40 +13,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-from dinoforge.core.data.base import DataSource, IndexedSource, SampleOrBad, StreamingSource
+from dinoforge.core.data.base import DataSource, IndexedSource, SampleOrBad, StreamingSource, SubsetSource
 from dinoforge.core.data.sample import UNLABELLED, Record
 from dinoforge.core.errors import DataError
-
-
-class SubsetSource(IndexedSource):
-    """Entries ``indices`` of ``parent``, in that order (ids, labels and classes are the parent's)."""
-
-    def __init__(self, parent: IndexedSource, indices: Sequence[int] | np.ndarray, *, spec: str | None = None) -> None:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(parent)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise DataError(f"subset indices out of range for {parent.spec} ({n} samples)")
-        self.parent, self.indices = parent, idx % n if n else idx
-        self.classes = parent.classes
-        self.spec = spec or f"{parent.spec}[subset of {len(idx)}]"
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def record(self, index: int) -> Record:
-        return self.parent.record(int(self.indices[index]))
-
-    def _load_image(self, index: int, record: Record) -> Image.Image:
-        return self.parent._load_image(int(self.indices[index]), record)
-
-    @property
-    def ids(self) -> list[str]:
-        ids = self.parent.ids
-        return [ids[i] for i in self.indices]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.parent.labels[self.indices]
 
 
 class ConcatSource(IndexedSource):
