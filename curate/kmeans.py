@@ -23,24 +23,36 @@ from dinoforge.core.index import VectorSource, l2_normalize, sample_rows
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, *, seed: int, max_points: int | None = None) -> np.ndarray:
-    """k-means++ seeding on (at most ``max_points`` sampled rows of) normalised ``x [n, d]``.
+    """Greedy k-means++ seeding on (at most ``max_points`` sampled rows of) normalised ``x [n, d]``.
 
-    Centres after the first are drawn with probability proportional to the squared distance to the nearest
-    centre already chosen, so small far-away modes get a centre; faiss's own initialisation is a uniform
-    sample, which misses modes holding under ~1/k of the points.
+    Candidates for each centre after the first are drawn with probability proportional to the squared distance
+    to the nearest centre already chosen, so small far-away modes get a centre; faiss's own initialisation is
+    a uniform sample, which misses modes holding under ~1/k of the points. Of ``2 + ln k`` candidates, the
+    one that lowers the total squared distance most is kept (greedy k-means++): a single draw lands in an
+    already covered mode with a probability of a few percent per centre, and Lloyd iterations never move a
+    centre out of a well-separated mode, so another mode would stay merged with a neighbour for good.
     """
     rng = np.random.default_rng(seed)
     if max_points is not None and x.shape[0] > max_points:
         x = x[np.sort(rng.choice(x.shape[0], max_points, replace=False))]
-    centres = np.empty((k, x.shape[1]), dtype=np.float32)
-    centres[0] = x[rng.integers(x.shape[0])]
-    d2 = ((x - centres[0]) ** 2).sum(axis=1)  # [n]
-    for i in range(1, k):
+    trials = 2 + int(np.log(k))
+    sq_norms = (x * x).sum(axis=1, dtype=np.float64)  # [n]
+
+    def sq_dist(rows: np.ndarray) -> np.ndarray:  # rows [m] -> [m, n], float64 so that rng.choice's p sums to 1
+        dots = (x[rows] @ x.T).astype(np.float64)
+        return np.maximum(sq_norms[None] - 2 * dots + sq_norms[rows, None], 0.0)
+
+    picks = [int(rng.integers(x.shape[0]))]
+    d2 = sq_dist(np.array(picks))[0]  # [n] squared distance to the nearest chosen centre
+    for _ in range(1, k):
         total = float(d2.sum())
-        pick = rng.choice(x.shape[0], p=d2 / total) if total > 0 else rng.integers(x.shape[0])
-        centres[i] = x[pick]
-        np.minimum(d2, ((x - centres[i]) ** 2).sum(axis=1), out=d2)
-    return centres
+        candidates = rng.choice(x.shape[0], size=trials, p=d2 / total) if total > 0 \
+            else rng.integers(x.shape[0], size=1)
+        after = np.minimum(d2[None], sq_dist(candidates))  # [trials, n]
+        best = int(after.sum(axis=1).argmin())
+        picks.append(int(candidates[best]))
+        d2 = after[best]
+    return np.ascontiguousarray(x[picks], dtype=np.float32)
 
 
 def fit_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: np.ndarray | None = None,
