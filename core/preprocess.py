@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -35,6 +36,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 #: Default decoded-pixel limit (decompression-bomb guard): 64 megapixels.
 DEFAULT_MAX_PIXELS = 64_000_000
+#: Default limit on the pixels the resize step produces. The shorter side is scaled to the contract's size, so a
+#: thin image (1 x N) grows by that factor squared: 1 x 2000 would become 256 x 512000 float32 RGB (1.5 GB).
+#: 4 Mpx (48 MB of float32 RGB) still admits a 60:1 panorama at a 256 px shorter side.
+DEFAULT_MAX_RESIZED_PIXELS = 4_000_000
+#: Decoding at reduced scale (JPEG draft, ``Image.reduce``) keeps at least this factor above the size the contract
+#: resizes to, so the final antialiased resize still sees enough pixels (Pillow's ``reducing_gap`` idea).
+REDUCING_GAP = 2.0
 
 
 class PreprocessConfig(StrictModel):
@@ -86,18 +94,96 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
 
 
-def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an image to RGB, applying EXIF orientation and the first frame of animations.
+def check_image_budget(height: int, width: int, cfg: PreprocessConfig | None, *,
+                       max_pixels: int = DEFAULT_MAX_PIXELS,
+                       max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS) -> None:
+    """Refuse an image whose decoded or resized size is over budget, before a single pixel is allocated.
+
+    Both sizes matter: ``width x height`` bounds the decode, and the resize (shorter side to the contract's
+    size) bounds the float32 work that follows, which explodes for thin images of either orientation.
 
     Raises:
-        ImageTooLargeError: more than ``max_pixels`` decoded pixels (a subclass of ImageDecodeError).
-        ImageDecodeError: not an image, unsupported format, truncated data.
+        ImageTooLargeError: naming the image size, the size it would reach and the limit.
+        ImageDecodeError: an image with a zero-length side.
     """
+    if height <= 0 or width <= 0:
+        raise ImageDecodeError(f"image is {width}x{height}: it has no pixels")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, "
+                                 f"over the decoded-pixel limit of {max_pixels}")
+    if cfg is None:
+        return
+    out_h, out_w = _resize_size(height, width, cfg)
+    if out_h * out_w > max_resized_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height}: preprocessing ({cfg.mode}) would resize it to "
+                                 f"{out_w}x{out_h} = {out_h * out_w} pixels, over the limit of "
+                                 f"{max_resized_pixels} (aspect ratio too extreme)")
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def decode_error_reason(err: BaseException) -> str:
+    """A decoder's message fit for a user: no ``<_io.BytesIO object at 0x...>`` (memory addresses) in it."""
+    text = " ".join(_OBJECT_REPR.sub("", str(err)).split())
+    return text or type(err).__name__
+
+
+def _open(source: bytes | str | Path | BinaryIO) -> BinaryIO:
     try:
-        handle: BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else \
+        return io.BytesIO(source) if isinstance(source, bytes) else \
             open(source, "rb") if isinstance(source, (str, Path)) else source  # noqa: SIM115
     except OSError as err:
         raise ImageDecodeError(f"cannot open image {source}: {err}") from err
+
+
+def _reduced_request(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    # The smallest (width, height) worth decoding: REDUCING_GAP times what the resize produces, capped by the image.
+    out_h, out_w = _resize_size(height, width, cfg)
+    return min(width, math.ceil(REDUCING_GAP * out_w)), min(height, math.ceil(REDUCING_GAP * out_h))
+
+
+def decoded_pixels(width: int, height: int, fmt: str | None, cfg: PreprocessConfig) -> int:
+    """Pixels :func:`decode_image` (with ``fit=cfg``) will produce: JPEG decodes at 1/2, 1/4 or 1/8 scale.
+
+    What decoding an image costs, known from its header: the serving engine budgets requests with it.
+    """
+    if fmt not in ("JPEG", "MPO"):
+        return width * height
+    want_w, want_h = _reduced_request(width, height, cfg)
+    scale = next(s for s in (8, 4, 2, 1) if width // s >= want_w and height // s >= want_h or s == 1)
+    return math.ceil(width / scale) * math.ceil(height / scale)
+
+
+def reduce_for_model(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """Box-reduce an image by an integer factor while it stays ``REDUCING_GAP`` times above the resize target.
+
+    A 8000 x 8000 picture for a 256 px contract becomes 533 x 533 in uint8 before the float32 resize, instead
+    of a 768 MB float copy; images within a factor ``2 * REDUCING_GAP`` of the target are returned unchanged.
+    """
+    want_w, want_h = _reduced_request(img.width, img.height, cfg)
+    factor = int(min(img.width / want_w, img.height / want_h))
+    return img.reduce(factor) if factor >= 2 else img
+
+
+def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 fit: PreprocessConfig | None = None,
+                 max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS) -> Image.Image:
+    """Decode an image to RGB, applying EXIF orientation and the first frame of animations.
+
+    Args:
+        source: encoded bytes, a path or an open binary file.
+        max_pixels: decoded-pixel limit, checked on the header before decoding.
+        fit: the contract the image is decoded for: its resized size is checked against ``max_resized_pixels``
+            before decoding, JPEGs are decoded at a reduced scale (draft mode) and other formats box-reduced
+            (:func:`reduce_for_model`) when they are far larger than the model needs.
+        max_resized_pixels: limit on the resize output (only with ``fit``).
+
+    Raises:
+        ImageTooLargeError: over a pixel limit (a subclass of ImageDecodeError).
+        ImageDecodeError: not an image, unsupported format, truncated data.
+    """
+    handle = _open(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -105,20 +191,20 @@ def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEF
             if img.format not in SUPPORTED_FORMATS:
                 raise ImageDecodeError(f"unsupported image format {img.format}")
             width, height = img.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, "
-                                       f"over the decoded-pixel limit of {max_pixels}")
+            check_image_budget(height, width, fit, max_pixels=max_pixels, max_resized_pixels=max_resized_pixels)
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
+            if fit is not None and img.format in ("JPEG", "MPO"):
+                img.draft(None, _reduced_request(width, height, fit))  # DCT scaling: 1/2, 1/4 or 1/8 decode
             img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img)
+            img = to_rgb(ImageOps.exif_transpose(img) or img)
+            return img if fit is None else reduce_for_model(img, fit)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageTooLargeError(f"image is over the decoded-pixel limit (decompression bomb guard): {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageDecodeError(f"not a decodable image: {err}") from err
+        raise ImageDecodeError(f"not a decodable image: {decode_error_reason(err)}") from err
     finally:
         if isinstance(source, (str, Path)):
             handle.close()
@@ -178,12 +264,17 @@ def normalize(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     return (x.float() / 255.0 - mean) / std
 
 
-def preprocess_tensor(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+def preprocess_tensor(x: torch.Tensor, cfg: PreprocessConfig, *,
+                      max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS) -> torch.Tensor:
     """Preprocess uint8 (or float in ``[0, 255]``) images.
 
     Args:
         x: ``[3, H, W]`` or ``[B, 3, H, W]``; a single channel is repeated to RGB.
         cfg: the contract.
+        max_resized_pixels: refuse (before allocating) an image the resize would blow up beyond this.
+
+    Raises:
+        ImageTooLargeError: the resized image would exceed ``max_resized_pixels`` (a thin image).
 
     Returns:
         float32 ``[3, H', W']`` or ``[B, 3, H', W']`` with ``(H', W') = output_size(H, W, cfg)``.
@@ -195,6 +286,7 @@ def preprocess_tensor(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     if batch.shape[1] == 1:
         batch = batch.expand(-1, 3, -1, -1)
     h, w = batch.shape[-2:]
+    check_image_budget(h, w, cfg, max_pixels=h * w, max_resized_pixels=max_resized_pixels)
     out = _resize(batch.float(), _resize_size(h, w, cfg), cfg.interpolation)
     if cfg.mode == "center_crop":
         out = _center_crop(out, cfg.size)

@@ -102,6 +102,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                   max_queue_delay_s=settings.max_queue_delay_ms / 1e3,
                                   max_queue_size=settings.max_queue_size,
                                   preprocess_workers=settings.preprocess_workers, max_pixels=settings.max_pixels,
+                                  max_request_pixels=settings.max_request_pixels,
+                                  large_image_pixels=settings.large_image_pixels,
                                   metrics=state.metrics)
     await state.engine.start()
     state.tasks.append(asyncio.create_task(_warm_up(state), name="dinoforge-warmup"))

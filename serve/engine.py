@@ -26,7 +26,7 @@ import torch
 
 from dinoforge.serve.backends.base import Backend, Features
 from dinoforge.serve.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, ServeError
-from dinoforge.serve.images import prepare
+from dinoforge.serve.images import check_request_pixels, prepare, probe
 from dinoforge.serve.metrics import ServeMetrics
 
 log = logging.getLogger("dinoforge.serve.engine")
@@ -77,23 +77,29 @@ class BatchingEngine:
         max_queue_size: images admitted at once (preprocessing, queued or running); beyond: 429.
         preprocess_workers: threads for decoding and preprocessing.
         max_pixels: decoded-pixel limit per image.
+        max_request_pixels: decoded-pixel budget of one request (all its images; beyond: 413).
+        large_image_pixels: images decoding to more pixels than this go to a single "large" decode thread, so
+            a request of huge images never holds every worker while small requests wait.
         metrics: where to record queue depth, batch sizes and latencies.
     """
 
     def __init__(self, backend: Backend, *, max_batch_size: int = 32, max_queue_delay_s: float = 0.002,
                  max_queue_size: int = 512, preprocess_workers: int = 2, max_pixels: int = 64_000_000,
+                 max_request_pixels: int = 256_000_000, large_image_pixels: int = 4_000_000,
                  metrics: ServeMetrics | None = None) -> None:
         self.backend = backend
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.max_pixels = max_pixels
+        self.max_request_pixels, self.large_image_pixels = max_request_pixels, large_image_pixels
         self.metrics = metrics or ServeMetrics()
         self._workers = preprocess_workers
         self._pending = 0  # images admitted and not yet answered
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task[None] | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._large: ThreadPoolExecutor | None = None
         self._infer: ThreadPoolExecutor | None = None
         self._seconds_per_image = 0.0  # running estimate, for Retry-After
 
@@ -102,6 +108,7 @@ class BatchingEngine:
         """Create the pools and the batcher task (call from the running event loop)."""
         self._queue = asyncio.Queue()
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="dinoforge-pre")
+        self._large = ThreadPoolExecutor(1, thread_name_prefix="dinoforge-pre-large")
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="dinoforge-infer")
         self._task = asyncio.create_task(self._batch_loop(), name="dinoforge-batcher")
 
@@ -115,7 +122,7 @@ class BatchingEngine:
             item = self._queue.get_nowait()
             if not item.future.done():
                 item.future.set_exception(NotReady("server is shutting down"))
-        for pool in (self._pool, self._infer):
+        for pool in (self._pool, self._large, self._infer):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
@@ -152,15 +159,18 @@ class BatchingEngine:
 
         Raises:
             Overloaded: the queue cannot take ``len(images)`` more images.
-            InvalidInput / PayloadTooLarge: an image that cannot be decoded or is too large (names its index).
+            InvalidInput / PayloadTooLarge: an image that cannot be decoded or is too large (names its index),
+                or images over the request's pixel budget (checked on their headers, before decoding).
             DeadlineExceeded: the deadline passed first.
         """
         assert self._queue is not None and self._pool is not None, "engine not started"
         start = time.monotonic()
         deadline = start + timeout_s
+        costs = [probe(data, i, self.backend, self.max_pixels) for i, data in enumerate(images)]
+        check_request_pixels(costs, self.max_request_pixels)
         self._admit(len(images))
         try:
-            pixels = await self._preprocess(images, deadline)
+            pixels = await self._preprocess(images, costs, deadline)
             t_pre = time.monotonic()
             futures = []
             for x in pixels:
@@ -176,9 +186,11 @@ class BatchingEngine:
             "inference_ms": sum(seconds for _, seconds in {r.batch for r in results}) * 1e3,
         })
 
-    async def _preprocess(self, images: Sequence[bytes], deadline: float) -> list[torch.Tensor]:
+    async def _preprocess(self, images: Sequence[bytes], costs: list[int], deadline: float) -> list[torch.Tensor]:
         loop = asyncio.get_running_loop()
-        tasks = [loop.run_in_executor(self._pool, self._prepare_timed, data, i) for i, data in enumerate(images)]
+        pools = [self._large if cost > self.large_image_pixels else self._pool for cost in costs]
+        tasks = [loop.run_in_executor(pool, self._prepare_timed, data, i)
+                 for i, (data, pool) in enumerate(zip(images, pools, strict=True))]
         try:
             return await asyncio.wait_for(asyncio.gather(*tasks), timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:

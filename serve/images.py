@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import re
+import warnings
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from dinoforge.core.errors import ImageDecodeError, ImageTooLargeError
-from dinoforge.core.preprocess import decode_image
+from dinoforge.core.preprocess import (SUPPORTED_FORMATS, check_image_budget, decode_error_reason, decode_image,
+                                       decoded_pixels)
 from dinoforge.serve.backends.base import Backend
 from dinoforge.serve.errors import InvalidInput, PayloadTooLarge
 
@@ -70,18 +74,57 @@ def check_count(n: int, limit: int) -> None:
                               "(split the request)")
 
 
+def probe(data: bytes, index: int, backend: Backend, max_pixels: int) -> int:
+    """Read an image's header only: refuse it early (422 / 413) or return its decode cost in pixels.
+
+    Every budget is checked here, on the event loop and before any worker decodes a pixel: the decoded size,
+    the size the model's resize would produce (thin images), and :func:`decoded_pixels` for the request's
+    pixel budget.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt, (width, height) = img.format, img.size
+        if fmt not in SUPPORTED_FORMATS:
+            raise ImageDecodeError(f"unsupported image format {fmt}")
+        cfg = backend.info.preprocessing
+        check_image_budget(height, width, cfg, max_pixels=max_pixels)
+        return decoded_pixels(width, height, fmt, cfg)
+    except ImageTooLargeError as err:
+        raise PayloadTooLarge(f"input[{index}]: {err}") from None
+    except ImageDecodeError as err:
+        raise InvalidInput(f"input[{index}]: {err}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PayloadTooLarge(f"input[{index}]: image is over the decoded-pixel limit of {max_pixels} pixels "
+                              "(decompression bomb guard)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise InvalidInput(f"input[{index}]: not a decodable image: {decode_error_reason(err)}") from None
+
+
+def check_request_pixels(costs: list[int], limit: int) -> None:
+    """413 when a request's images together would decode more than ``limit`` pixels."""
+    total = sum(costs)
+    if total > limit:
+        raise PayloadTooLarge(f"the request's {len(costs)} images decode to {total} pixels; this server decodes at "
+                              f"most {limit} per request (split the request or send smaller images)")
+
+
 def prepare(data: bytes, index: int, backend: Backend, max_pixels: int) -> torch.Tensor:
     """Decode + preprocess one image (runs in the engine's worker pool).
+
+    The image is decoded for the model's contract: JPEGs at a reduced scale, other formats box-reduced, when
+    they are far larger than the model input (see :func:`~dinoforge.core.preprocess.decode_image`).
 
     Returns:
         float32 ``[3, H, W]`` model input.
 
     Raises:
         InvalidInput: not an image, unsupported format, truncated data.
-        PayloadTooLarge: more decoded pixels than ``max_pixels``.
+        PayloadTooLarge: more decoded pixels than ``max_pixels``, or a resize beyond the budget.
     """
     try:
-        image = decode_image(data, max_pixels=max_pixels)
+        image = decode_image(data, max_pixels=max_pixels, fit=backend.info.preprocessing)
     except ImageTooLargeError as err:
         raise PayloadTooLarge(f"input[{index}]: {err}") from None
     except ImageDecodeError as err:

@@ -40,6 +40,10 @@ class ServeSettings(StrictModel):
     max_payload_bytes: int = Field(64 * 1024 * 1024, gt=0)
     max_images_per_request: int = Field(128, gt=0)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="decoded pixels per image")
+    max_request_pixels: int = Field(4 * DEFAULT_MAX_PIXELS, gt=0, description="decoded pixels per request "
+                                    "(JPEGs count at their reduced decode scale)")
+    large_image_pixels: int = Field(4_000_000, gt=0, description="images decoding to more pixels go to one "
+                                    "dedicated decode thread, so small requests never wait behind them")
     max_top_k: int = Field(1000, gt=0)
     # classification head and retrieval index
     head: Path | None = Field(None, description="classification head built by `dinoforge serve build-head`")
