@@ -2,6 +2,10 @@
 
 Stages hand over files, so a reader must never see a half-written one: everything is written to a temporary
 file in the destination folder, flushed, fsynced and renamed into place (rename is atomic on POSIX).
+
+``tempfile`` creates files 0600 and folders 0700 whatever the umask; the results here get the permissions a
+plain ``open()`` / ``mkdir()`` would give (``0666`` / ``0777`` less the umask), so a Triton server or a service
+running as another user can read an artifact when the umask lets it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,18 @@ from pathlib import Path
 from typing import IO, Any
 
 _CHUNK = 1 << 20
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it, which races
+    with other threads creating files); falls back to set-and-restore where ``/proc`` is missing."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -54,6 +70,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -97,6 +114,7 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        staging.chmod(0o777 & ~current_umask())
         yield staging
         if target.exists():
             backup = target.with_name(f".{target.name}.old")
