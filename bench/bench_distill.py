@@ -39,8 +39,7 @@ from dinoforge.distill.students import build_students
 from dinoforge.distill.teacher import load_teacher
 from dinoforge.pretrain.data import batch_loader
 from dinoforge.pretrain.masking import mask_statistics
-from dinoforge.pretrain.optim import build_optimizer
-from dinoforge.pretrain.param_groups import param_groups
+from dinoforge.pretrain.optim import OptimConfig, build_optimizer
 from dinoforge.pretrain.spikes import SpikeConfig, SpikeDetector
 from dinoforge.pretrain.train_loop import make_precision, move_batch, train_step
 
@@ -109,7 +108,7 @@ def time_steps(cfg: DistillConfig, steps: int) -> dict[str, float]:
     teacher, _ = load_teacher(cfg.teacher)
     slots, modules = build_students(cfg, teacher)
     meta = DistillMeta(cfg, teacher, slots, modules).to(device).train()
-    optimizer = build_optimizer(param_groups(meta.student))
+    optimizer = build_optimizer(meta.student, OptimConfig())
     precision = make_precision(cfg.train.precision, device)
     detector = SpikeDetector(SpikeConfig(policy="off"))
     batch = _batch(cfg, slots[0].backbone.patch_size, device)
@@ -143,16 +142,16 @@ def time_steps(cfg: DistillConfig, steps: int) -> dict[str, float]:
 
 def _time_trainer(trainer: Any, steps: int) -> float:
     """Median seconds of the trainer's own step on its own (pre-generated, real) batches."""
-    loader = batch_loader(trainer.batches, start=0, stop=steps + 2, num_workers=0)
+    loader = batch_loader(trainer.parts.batches, start=0, stop=steps + 2, num_workers=0)
     micro_batches = [[move_batch(b, trainer.rt.device) for b in micro] for micro in loader]
-    trainer.meta.train()
+    trainer.parts.model.train()
     times = []
     for i, micro in enumerate(micro_batches):
         _sync(trainer.rt.device)
         start = time.perf_counter()
-        train_step(trainer.meta, micro, values=trainer.schedules.at(i), optimizer=trainer.optimizer,
+        train_step(trainer.parts.model, micro, values=trainer.schedules.at(i), optimizer=trainer.optimizer,
                    precision=trainer.precision, clip_grad=trainer.cfg.optim.clip_grad, detector=trainer.detector,
-                   student=trainer.par.raw_student, teacher=trainer.par.raw_teacher, device=trainer.rt.device)
+                   student=trainer.parts.student, teacher=trainer.parts.teacher, device=trainer.rt.device)
         _sync(trainer.rt.device)
         if i >= 2:
             times.append(time.perf_counter() - start)
@@ -167,10 +166,10 @@ def run_fmnist(args: argparse.Namespace) -> list[dict[str, Any]]:
     The ratio of the scratch and distillation step times sizes the scratch run of the acceptance table.
     """
     from dinoforge.distill.config import load_distill_config
-    from dinoforge.distill.trainer import DistillTrainer
+    from dinoforge.distill.trainer import distill_trainer
     from dinoforge.pretrain.config import load_pretrain_config
     from dinoforge.pretrain.meta_arch import build_student
-    from dinoforge.pretrain.trainer import Trainer
+    from dinoforge.pretrain.pretrain_run import pretrain_trainer
 
     device = "cuda" if args.device == "cuda" else "cpu"
     common = ["knn.at_end=false", "knn.at_start=false", "knn.every_steps=null", f"train.device={device}",
@@ -188,11 +187,11 @@ def run_fmnist(args: argparse.Namespace) -> list[dict[str, Any]]:
             student = cfg.students[0].backbone_config()
             rows.append({"device": device, "precision": cfg.train.precision, "mode": f"distill {cfg.mode}",
                          "students": cfg.students[0].name, "batch": cfg.data.batch_size,
-                         "step_s": _time_trainer(DistillTrainer(cfg), args.steps)})
+                         "step_s": _time_trainer(distill_trainer(cfg), args.steps)})
         scratch = pre.model_copy(update={"model": pre.model.model_copy(update={"backbone": student})})
         rows.append({"device": device, "precision": scratch.train.precision, "mode": "pretrain from scratch",
                      "students": "same student", "batch": pre.data.batch_size,
-                     "step_s": _time_trainer(Trainer(scratch), args.steps)})
+                     "step_s": _time_trainer(pretrain_trainer(scratch), args.steps)})
     for row in rows:  # each recipe has its own batch size
         row["img_per_s"] = row["batch"] / row["step_s"]
         print(f"| {row['device']} {row['precision']} | {row['mode']} | {row['students']} | {row['step_s']:.3f} | "

@@ -50,7 +50,7 @@ def _child(args: argparse.Namespace) -> dict:
 
     from dinoforge.pretrain.config import load_pretrain_config
     from dinoforge.pretrain.train_loop import train_step
-    from dinoforge.pretrain.trainer import Trainer
+    from dinoforge.pretrain.pretrain_run import pretrain_trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,10 +59,10 @@ def _child(args: argparse.Namespace) -> dict:
                  "knn.at_end=false", "knn.every_steps=null", "monitor.progress=false",
                  *RECIPE_OVERRIDES.get(args.recipe, []), *args.set]
     cfg = load_pretrain_config(args.recipe, overrides)
-    trainer = Trainer(cfg)
-    trainer.meta.train()
+    trainer = pretrain_trainer(cfg)
+    trainer.parts.model.train()
     start = time.perf_counter()
-    batches = [trainer.batches[i] for i in range(3)]
+    batches = [trainer.parts.batches[i] for i in range(3)]
     data_ips = 3 * trainer.global_batch / (time.perf_counter() - start)
     batches = [[{k: v.to(trainer.rt.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
                 for b in micro] for micro in batches]
@@ -71,9 +71,9 @@ def _child(args: argparse.Namespace) -> dict:
         sync = torch.cuda.synchronize if trainer.rt.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        train_step(trainer.meta, batches[i % 3], values=trainer.schedules.at(i), optimizer=trainer.optimizer,
+        train_step(trainer.parts.model, batches[i % 3], values=trainer.schedules.at(i), optimizer=trainer.optimizer,
                    precision=trainer.precision, clip_grad=cfg.optim.clip_grad, detector=trainer.detector,
-                   student=trainer.par.raw_student, teacher=trainer.par.raw_teacher, device=trainer.rt.device)
+                   student=trainer.parts.student, teacher=trainer.parts.teacher, device=trainer.rt.device)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -108,7 +108,7 @@ def _initial_teacher(run_dir: Path) -> Path:
     from dinoforge.core.artifact import Provenance, save_artifact
     from dinoforge.pretrain.config import load_pretrain_config
     from dinoforge.pretrain.meta_arch import SSLMetaArch
-    from dinoforge.pretrain.runtime import seed_everything
+    from dinoforge.core.runtime import seed_everything
     from dinoforge.pretrain.teacher_export import default_preprocess
 
     cfg = load_pretrain_config(run_dir / "config.yaml")

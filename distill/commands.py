@@ -33,9 +33,9 @@ def _distill(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    from dinoforge.distill.trainer import DistillTrainer
+    from dinoforge.distill.trainer import distill_trainer
 
-    result = DistillTrainer(cfg).run()
+    result = distill_trainer(cfg).run()
     if result.artifact is not None:
         state = "stopped early" if result.stopped_early else "finished"
         print(f"{state} at step {result.steps}; student artifacts in {result.artifact}")

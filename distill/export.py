@@ -19,7 +19,7 @@ from dinoforge.core.backbone.heads import DINOHead
 from dinoforge.core.preprocess import PreprocessConfig
 from dinoforge.distill.students import StudentSlot
 from dinoforge.distill.teacher import TeacherInfo
-from dinoforge.pretrain.teacher_export import PlainTeacher
+from dinoforge.pretrain.blocks import PlainTeacher
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 ARTIFACTS_DIR = "artifacts"

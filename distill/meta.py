@@ -1,9 +1,9 @@
 """The distillation step: one frozen-teacher pass per micro-batch, shared by every student.
 
 :class:`DistillMeta` has the interface of :class:`~dinoforge.pretrain.meta_arch.SSLMetaArch` that the
-pretraining runtime drives (``student`` / ``teacher`` module dicts, ``forward_backward``, ``clip_gradients``,
-``dino_centering`` / ``ibot_centering``), so the pretraining trainer, train step, parallelisation and
-checkpoints run it unchanged. Its ``teacher`` dict is the **EMA of the students** (the pretraining machinery
+training step drives (:class:`~dinoforge.pretrain.spec.StepModel`: ``forward_backward``, ``clip_gradients``;
+``student`` / ``teacher`` module dicts; ``dino_centering`` / ``ibot_centering``), so the generic trainer, train
+step, parallelisation and checkpoints run it unchanged. Its ``teacher`` dict is the **EMA of the students** (the pretraining machinery
 updates and checkpoints the EMA under that name); the frozen model being distilled is :attr:`frozen`.
 
 * **Head mode** (DINOv2 paper). Per micro-batch the frozen teacher runs once on the two global crops; its
@@ -36,11 +36,16 @@ from dinoforge.distill.feature_loss import feature_losses
 from dinoforge.distill.grid import resample_tokens, token_grid
 from dinoforge.distill.students import StudentSlot
 from dinoforge.distill.teacher import FrozenTeacher
-from dinoforge.pretrain.losses import Centering, swap_global_crops
-from dinoforge.pretrain.masking import Batch, mask_statistics
-from dinoforge.pretrain.meta_arch import SSLMetaArch, TeacherOutput
-from dinoforge.pretrain.monitor import collapse_indicators
-from dinoforge.pretrain.optim import clip_grad_norms
+from dinoforge.pretrain.blocks import (
+    Batch,
+    Centering,
+    SSLMetaArch,
+    TeacherOutput,
+    clip_grad_norms,
+    collapse_indicators,
+    mask_statistics,
+    swap_global_crops,
+)
 
 Backward = Callable[[torch.Tensor], None]
 

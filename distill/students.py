@@ -24,7 +24,7 @@ from dinoforge.core.errors import CheckpointError, ConfigError
 from dinoforge.distill.config import DistillConfig, HeadModeConfig, StudentConfig
 from dinoforge.distill.feature_loss import build_adaptor
 from dinoforge.distill.teacher import FrozenTeacher
-from dinoforge.pretrain.meta_arch import HeadShape, MetaArchConfig
+from dinoforge.pretrain.blocks import HeadShape, MetaArchConfig
 
 
 @dataclass

@@ -38,9 +38,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    from dinoforge.pretrain.trainer import Trainer
+    from dinoforge.pretrain.pretrain_run import pretrain_trainer
 
-    result = Trainer(cfg).run()
+    result = pretrain_trainer(cfg).run()
     if result.artifact is not None:
         state = "stopped early" if result.stopped_early else "finished"
         extra = f", k-NN top-1 {result.last_metrics['knn_top1']:.2f}%" if "knn_top1" in result.last_metrics else ""

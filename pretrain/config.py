@@ -20,6 +20,7 @@ from dinoforge.core.config import StrictModel, load_config, recipe_names_in, res
 from dinoforge.core.preprocess import PreprocessConfig
 from dinoforge.pretrain.augment import CropsConfig
 from dinoforge.pretrain.meta_arch import MetaArchConfig
+from dinoforge.pretrain.optim import OptimConfig
 from dinoforge.pretrain.parallelize import ParallelConfig
 from dinoforge.pretrain.schedules import ScheduleConfig
 from dinoforge.pretrain.spikes import SpikeConfig
@@ -43,16 +44,6 @@ class DataConfig(StrictModel):
     batch_size: int = Field(64, gt=0, description="images per micro-batch per process")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     num_workers: int = Field(0, ge=0)
-
-
-class OptimConfig(StrictModel):
-    """AdamW and the official parameter-group rule."""
-
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    clip_grad: float = Field(3.0, ge=0, description="per student sub-module; 0 disables clipping")
-    layerwise_decay: float = Field(0.9, gt=0, le=1)
-    patch_embed_lr_mult: float = Field(0.2, ge=0)
 
 
 class TrainConfig(StrictModel):

@@ -15,8 +15,9 @@ With several micro-batches (gradient accumulation) the teacher outputs of *all* 
 together (centre statistics and Sinkhorn-Knopp over the effective batch), then each micro-batch's loss is
 back-propagated scaled by ``1 / n_micro``.
 
-The teacher is a :class:`torch.nn.ModuleDict` like the student; by default an exact copy of it updated by
-EMA (:meth:`update_teacher`), but any frozen teacher with the same keys can be passed in (distillation).
+The teacher is a :class:`torch.nn.ModuleDict` like the student; by default an exact copy of it that the
+training step updates by EMA (:func:`dinoforge.pretrain.optim.ema_update`), but any frozen teacher with the
+same keys can be passed in (distillation).
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ from dinoforge.pretrain.losses import (
 )
 from dinoforge.pretrain.losses.reduce import global_count
 from dinoforge.pretrain.masking import Batch
-from dinoforge.pretrain.optim import clip_grad_norms, ema_update_
-from dinoforge.pretrain.param_groups import param_groups
+from dinoforge.pretrain.optim import clip_grad_norms
 
 
 class HeadShape(StrictModel):
@@ -220,14 +220,14 @@ class SSLMetaArch(nn.Module):
         dino_all = torch.cat([o.dino_logits for o in outputs])  # [sum 2B_i, K]
         dino_probs = self._normalize(dino_all, teacher_temp, self.dino_centering, total=None)
         dino_split = dino_probs.split([o.dino_logits.shape[0] for o in outputs])
-        results = [replace(o, dino_probs=p.reshape(2, -1, p.shape[-1])) for o, p in zip(outputs, dino_split)]
+        results = [replace(o, dino_probs=p.reshape(2, -1, p.shape[-1])) for o, p in zip(outputs, dino_split, strict=True)]
         if not self.do_ibot:
             return results
         ibot_all = torch.cat([o.ibot_logits for o in outputs])  # [sum M_i, K_ibot]
         total = global_count(ibot_all.shape[0], ibot_all.device) if self.config.centering != "centering" else None
         ibot_probs = self._normalize(ibot_all, teacher_temp, self.ibot_centering, total=total)
         ibot_split = ibot_probs.split([o.ibot_logits.shape[0] for o in outputs])
-        return [replace(r, ibot_probs=p) for r, p in zip(results, ibot_split)]
+        return [replace(r, ibot_probs=p) for r, p in zip(results, ibot_split, strict=True)]
 
     def _normalize(self, logits: torch.Tensor, teacher_temp: float, centering: Centering,
                    total: int | None) -> torch.Tensor:
@@ -323,7 +323,7 @@ class SSLMetaArch(nn.Module):
                                               teacher_temp=teacher_temp)
         scale = 1.0 / len(micro_batches)
         logged: dict[str, torch.Tensor] = {}
-        for batch, teacher_out in zip(micro_batches, teacher_outs):
+        for batch, teacher_out in zip(micro_batches, teacher_outs, strict=True):
             losses = self.compute_losses(teacher_out, self.get_student_output(batch), batch)
             loss = losses["total"] * scale
             (backward or torch.Tensor.backward)(loss)
@@ -336,12 +336,11 @@ class SSLMetaArch(nn.Module):
         """Clip each student sub-module's gradients separately; returns the norms before clipping."""
         return clip_grad_norms(self.student, max_norm)
 
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA ``t <- m t + (1 - m) s`` over backbone and heads."""
-        for key, module in self.student.items():
-            ema_update_(self.teacher[key].parameters(), module.parameters(), momentum)
 
-    def get_params_groups(self, *, layerwise_decay: float = 0.9, patch_embed_lr_mult: float = 0.2) -> list[dict]:
-        """AdamW parameter groups of the student (see :mod:`dinoforge.pretrain.param_groups`)."""
-        return param_groups(self.student, layerwise_decay=layerwise_decay, patch_embed_lr_mult=patch_embed_lr_mult)
+class Centres(nn.Module):
+    """The teacher-normalisation buffers of a meta-architecture: what a checkpoint stores as ``centres``."""
+
+    def __init__(self, meta: nn.Module) -> None:
+        super().__init__()
+        self.dino_centering = meta.dino_centering
+        self.ibot_centering = meta.ibot_centering

@@ -1,34 +1,66 @@
-"""AdamW from the recipe's parameter groups, per-sub-module gradient clipping and the EMA teacher update.
+"""The optimizer of the DINOv2 recipe in one place: build it, apply the schedules, clip, update the EMA teacher.
 
-These are the official optimisation mechanics without FSDP: one AdamW over the fused groups of
-:mod:`dinoforge.pretrain.param_groups`; gradients clipped to ``max_norm`` *separately for each student
-sub-module* (``backbone``, ``dino_head``[, ``ibot_head``]) with ``coef = min(1, max_norm / (norm + 1e-6))``;
-and the teacher update ``t <- m * t + (1 - m) * s`` over every parameter.
+These are the official optimisation mechanics:
+
+* one AdamW over the fused parameter groups of :mod:`dinoforge.pretrain.param_groups` (:func:`build_optimizer`);
+* before every step each group's lr and weight decay are set from the schedule values and the group's
+  multipliers (:func:`apply_schedule`);
+* gradients clipped to ``max_norm`` *separately for each student sub-module* (``backbone``, ``dino_head``
+  [, ``ibot_head``]) with ``coef = min(1, max_norm / (norm + 1e-6))`` (:func:`clip_grad_norms`);
+* the teacher update ``t <- m * t + (1 - m) * s`` over every parameter (:func:`ema_update`), the one EMA of the
+  project (pretraining's teacher, distillation's student EMA).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from dinoforge.core.config import StrictModel
+from dinoforge.pretrain.param_groups import param_groups
 
-def build_optimizer(groups: Sequence[dict[str, Any]], *, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8, foreach: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over the recipe's parameter groups (official betas 0.9 / 0.999, eps 1e-8).
 
-    Learning rates and weight decays are placeholders until
-    :func:`~dinoforge.pretrain.param_groups.apply_optim_scheduler` sets them before each step.
+class OptimConfig(StrictModel):
+    """AdamW and the official parameter-group rule."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(3.0, ge=0, description="per student sub-module; 0 disables clipping")
+    layerwise_decay: float = Field(0.9, gt=0, le=1)
+    patch_embed_lr_mult: float = Field(0.2, ge=0)
+
+
+def build_optimizer(student: Mapping[str, nn.Module], cfg: OptimConfig, *,
+                    foreach: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over the recipe's parameter groups of ``student`` (official betas 0.9 / 0.999, eps 1e-8).
+
+    Learning rates and weight decays are placeholders until :func:`apply_schedule` sets them before each step.
 
     Args:
-        groups: from :func:`~dinoforge.pretrain.param_groups.param_groups`.
-        betas: Adam betas.
-        eps: Adam epsilon.
+        student: the *unwrapped* sub-modules in order (``{"backbone": ..., "dino_head": ...}``).
+        cfg: betas, eps and the group rule (layer-wise decay, patch-embedding lr factor).
         foreach: torch's multi-tensor implementation (``None``: torch's default for the device).
     """
-    return torch.optim.AdamW(list(groups), betas=betas, eps=eps, foreach=foreach)
+    groups = param_groups(student, layerwise_decay=cfg.layerwise_decay, patch_embed_lr_mult=cfg.patch_embed_lr_mult)
+    return torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, foreach=foreach)
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, values: Mapping[str, float]) -> None:
+    """Set every group's lr and weight decay from this iteration's schedule values (official rule).
+
+    ``lr_group = (last_layer_lr if is_last_layer else lr) * lr_multiplier``, ``wd_group = wd * wd_multiplier``.
+
+    Args:
+        optimizer: from :func:`build_optimizer` (its groups carry the multipliers).
+        values: at least ``lr``, ``wd`` and ``last_layer_lr``.
+    """
+    for group in optimizer.param_groups:
+        base = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
+        group["lr"] = base * group["lr_multiplier"]
+        group["weight_decay"] = values["wd"] * group["wd_multiplier"]
 
 
 def clip_grad_norms(modules: Mapping[str, nn.Module], max_norm: float | None) -> dict[str, float]:
@@ -57,16 +89,28 @@ def clip_grad_norms(modules: Mapping[str, nn.Module], max_norm: float | None) ->
 
 
 @torch.no_grad()
-def ema_update_(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor], momentum: float) -> None:
-    """``t <- momentum * t + (1 - momentum) * s`` for matching tensors, in place.
+def ema_update(teacher: Mapping[str, nn.Module], student: Mapping[str, nn.Module], momentum: float) -> None:
+    """``t <- momentum * t + (1 - momentum) * s`` for every sub-module of ``student``, in place.
+
+    Works for plain, DDP-replicated and FSDP2-sharded pairs (teacher and student sharded the same way: the
+    update is then purely local to each rank's shards).
+
+    Args:
+        teacher, student: the *unwrapped* module dicts; every student key must be in ``teacher``.
 
     Raises:
-        ValueError: the two iterables differ in length or shapes (teacher and student must mirror each other).
+        ValueError: a sub-module pair differs in parameter count or shapes.
     """
-    teacher_list, student_list = list(teacher), list(student)
-    if len(teacher_list) != len(student_list) or any(t.shape != s.shape for t, s in zip(teacher_list, student_list)):
-        raise ValueError("EMA teacher and student parameters do not match one to one")
-    if not teacher_list:
-        return
-    torch._foreach_mul_(teacher_list, momentum)
-    torch._foreach_add_(teacher_list, student_list, alpha=1 - momentum)
+    for key, module in student.items():
+        t_params = [_local(p) for p in teacher[key].parameters()]
+        s_params = [_local(p) for p in module.parameters()]
+        if len(t_params) != len(s_params) or any(t.shape != s.shape for t, s in zip(t_params, s_params, strict=True)):
+            raise ValueError(f"EMA teacher and student {key!r} parameters do not match one to one")
+        if t_params:
+            torch._foreach_mul_(t_params, momentum)
+            torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor parameter (the tensor itself otherwise)."""
+    return p.to_local() if hasattr(p, "to_local") else p

@@ -168,20 +168,3 @@ def parallelize(meta: nn.Module, cfg: ParallelConfig, *, world_size: int = 1,
              cfg.activation_checkpointing, cfg.compile)
     return Parallelized(strategy=strategy, raw_student=raw_student, raw_teacher=raw_teacher)
 
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``t <- m * t + (1 - m) * s`` over matching parameters, on local shards when FSDP-sharded.
-
-    Works for plain, DDP-replicated and FSDP2-sharded pairs (teacher and student sharded the same way).
-    """
-    t_params = [_local(p) for p in teacher.parameters()]
-    s_params = [_local(p) for p in student.parameters()]
-    if len(t_params) != len(s_params):
-        raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p

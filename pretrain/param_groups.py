@@ -13,7 +13,8 @@ sub-module separately (``backbone``, ``dino_head``, ``ibot_head``), in that orde
   the first epoch).
 
 Parameters with equal ``(lr_multiplier, wd_multiplier, is_last_layer)`` inside one sub-module share a group,
-in order of first appearance. Frozen parameters (``requires_grad=False``) are left out.
+in order of first appearance. Frozen parameters (``requires_grad=False``) are left out. The optimizer over these
+groups, and how schedule values become each group's lr and weight decay, live in :mod:`dinoforge.pretrain.optim`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 _LAYER0_NAMES = ("cls_token", "pos_embed", "reg_token", "register_tokens", "mask_token", "patch_embed")
@@ -109,17 +109,6 @@ def param_groups(student: Mapping[str, nn.Module], *, layerwise_decay: float = 0
         groups += submodule_param_groups(module, layerwise_decay=layerwise_decay,
                                          patch_embed_lr_mult=patch_embed_lr_mult, prefix=f"{key}.")
     return groups
-
-
-def apply_optim_scheduler(optimizer: torch.optim.Optimizer, *, lr: float, wd: float, last_layer_lr: float) -> None:
-    """Set every group's lr and weight decay from the schedules and its multipliers (official rule).
-
-    ``lr_group = (last_layer_lr if is_last_layer else lr) * lr_multiplier``, ``wd_group = wd * wd_multiplier``.
-    """
-    for group in optimizer.param_groups:
-        base = last_layer_lr if group["is_last_layer"] else lr
-        group["lr"] = base * group["lr_multiplier"]
-        group["weight_decay"] = wd * group["wd_multiplier"]
 
 
 def iter_group_names(groups: Iterable[Mapping[str, Any]]) -> Iterable[tuple[int, str]]:

@@ -1,8 +1,10 @@
-"""The pretraining run: build, resume, train, watch, checkpoint, export.
+"""The generic trainer: the loop, checkpoints and resume around a :class:`~dinoforge.pretrain.spec.TrainSpec`.
 
-``Trainer(config).run()`` works identically on one CPU process, one GPU and under ``torchrun`` (DDP or FSDP2).
-A run directory holds ``config.yaml`` (resolved recipe), ``metrics.jsonl``, ``checkpoints/step_*.ckpt``,
-``artifact/`` (teacher backbone + heads as a core model artifact) and ``plots/`` (``dinoforge plot``).
+``Trainer(spec).run()`` works identically on one CPU process, one GPU and under ``torchrun`` (DDP or FSDP2);
+``dinoforge pretrain`` runs ``Trainer(PretrainSpec(cfg))`` (:mod:`dinoforge.pretrain.pretrain_run`) and
+``dinoforge distill`` runs ``Trainer(DistillSpec(cfg))``. A run directory holds ``config.yaml`` (resolved
+recipe), ``metrics.jsonl``, ``checkpoints/step_*.ckpt``, what the spec exports (pretraining: ``artifact/``)
+and ``plots/`` (``dinoforge plot``).
 
 Re-running the same command on a run directory continues from its newest good checkpoint; on CPU the
 continuation is bit-exact (same parameters as an uninterrupted run), because every source of randomness is
@@ -15,38 +17,30 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 
-from dinoforge.core.artifact import Provenance
 from dinoforge.core.config import config_to_yaml, save_config
-from dinoforge.core.errors import CheckpointError, ConfigError
-from dinoforge.pretrain.checkpointing import checkpoint_path, load_checkpoint, load_latest, prune_checkpoints, \
-    save_checkpoint
-from dinoforge.pretrain.config import PretrainConfig
-from dinoforge.pretrain.data import BatchLayout, PretrainBatches, batch_loader
-from dinoforge.pretrain.masking import MaskingGenerator, official_max_num_patches
-from dinoforge.pretrain.meta_arch import SSLMetaArch
-from dinoforge.pretrain.monitor import MetricsLog, Progress as ProgressBar, collapse_warning
+from dinoforge.core.errors import CheckpointError
+from dinoforge.core.runtime import Runtime, init_runtime, shutdown_runtime
+from dinoforge.pretrain.checkpointing import checkpoint_path, load_latest, prune_checkpoints, save_checkpoint
+from dinoforge.pretrain.data import batch_loader
+from dinoforge.pretrain.monitor import MetricsLog, Progress as ProgressBar
 from dinoforge.pretrain.optim import build_optimizer
-from dinoforge.pretrain.parallelize import parallelize
-from dinoforge.pretrain.param_groups import param_groups
-from dinoforge.pretrain.runtime import Runtime, init_runtime, seed_everything, shutdown_runtime
 from dinoforge.pretrain.schedules import build_schedules
-from dinoforge.pretrain.sources import open_pretrain_source
+from dinoforge.pretrain.spec import TrainSpec, check_unchanged
 from dinoforge.pretrain.spikes import SpikeDetector
-from dinoforge.pretrain.teacher_export import default_preprocess, gather_teacher, resample_checkpoint_pos_embed, \
-    write_teacher_artifact
-from dinoforge.pretrain.train_loop import StepResult, make_precision, move_batch, teacher_collapse_indicators, \
-    train_step
+from dinoforge.pretrain.train_loop import StepResult, make_precision, move_batch, train_step
 from dinoforge.pretrain.train_state import Progress, collect_state, restore_state
 
 log = logging.getLogger("dinoforge.pretrain")
-_IMMUTABLE_ON_RESUME = ("seed", "model", "crops", "masking", "data.source", "schedule")
+_IMMUTABLE_ON_RESUME = ("seed", "data.source", "schedule")  # the spec adds its own (model, crops ...)
 
 
 @dataclass
@@ -61,15 +55,16 @@ class RunResult:
 
 
 class Trainer:
-    """Builds everything from a :class:`PretrainConfig` and runs it.
+    """The generic training loop around a :class:`~dinoforge.pretrain.spec.TrainSpec`.
 
     Args:
-        cfg: the resolved recipe.
+        spec: the run (``PretrainSpec(cfg)``, ``DistillSpec(cfg)``); the trainer calls only its interface.
         runtime: where this process runs (default: from the environment; joins torchrun's group).
     """
 
-    def __init__(self, cfg: PretrainConfig, runtime: Runtime | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, spec: TrainSpec, runtime: Runtime | None = None) -> None:
+        self.spec = spec
+        self.cfg = cfg = spec.cfg
         self.rt = runtime or init_runtime(cfg.train.device, threads=cfg.train.threads)
         if not self.rt.is_main:  # one voice: other ranks only report errors
             logging.getLogger("dinoforge").setLevel(logging.ERROR)
@@ -77,86 +72,26 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.progress = Progress()
         self._stop = False
-        self._build()
-
-    # ------------------------------------------------------------------ construction
-    def _build(self) -> None:
-        cfg, rt = self.cfg, self.rt
-        self.source = open_pretrain_source(cfg.data.source)
-        seed_everything(cfg.seed)  # identical initial weights on every rank
-        self.meta = SSLMetaArch(cfg.model).to(rt.device)
-        if cfg.init.from_checkpoint:
-            self._warm_start(cfg.init.from_checkpoint)
-        self.par = parallelize(self.meta, cfg.parallel, world_size=rt.world_size, device=rt.device)
-        self._build_optimization()
-        generator = MaskingGenerator(cfg.grid, max_num_patches=official_max_num_patches(
-            cfg.crops.global_crops_size, cfg.model.backbone.patch_size), min_num_patches=cfg.masking.min_num_patches,
-            min_aspect=cfg.masking.min_aspect)
-        layout = BatchLayout(micro_batch=cfg.data.batch_size, accum=cfg.data.grad_accum,
-                             world_size=rt.world_size, rank=rt.rank)
-        self.batches = PretrainBatches(self.source, cfg.crops, layout, mask_generator=generator,
-                                       mask_ratio=cfg.masking.mask_ratio_min_max,
-                                       mask_probability=cfg.masking.mask_sample_probability, seed=cfg.seed)
-        self.preprocess = cfg.artifact.preprocess or default_preprocess(
-            cfg.crops.global_crops_size, cfg.model.backbone.patch_size, cfg.crops.mean, cfg.crops.std)
-        self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.monitor.tensorboard) if rt.is_main else None
-        self.knn = None
-        if rt.is_main and (cfg.knn.every_steps or cfg.knn.at_end or cfg.knn.at_start):
-            from dinoforge.pretrain.knn_monitor import KnnMonitor
-
-            self.knn = KnnMonitor(cfg.knn, self.preprocess, device=str(rt.device))
-
-    def _build_optimization(self) -> None:
-        """Optimizer over the official parameter groups, precision, schedules, run length and spike detector.
-
-        Shared with distillation (``cfg`` only needs the ``optim``/``train``/``schedule``/``spike`` sections and
-        ``global_batch_size``); call it once ``self.par`` holds the parallelized model.
-        """
-        cfg, rt = self.cfg, self.rt
-        groups = param_groups(self.par.raw_student, layerwise_decay=cfg.optim.layerwise_decay,
-                              patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult)
-        self.optimizer = build_optimizer(groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
-        self.precision = make_precision(cfg.train.precision, rt.device)
-        self.global_batch = cfg.global_batch_size(rt.world_size)
+        self.parts = spec.build(self.rt)
+        self.progress.extra.update(self.parts.extra)
+        self.optimizer = build_optimizer(self.parts.student, cfg.optim)
+        self.precision = make_precision(cfg.train.precision, self.rt.device)
+        self.global_batch = cfg.global_batch_size(self.rt.world_size)
         self.schedules = build_schedules(cfg.schedule, global_batch_size=self.global_batch)
         self.total_steps = cfg.schedule.epochs * cfg.schedule.epoch_length
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.detector = SpikeDetector(cfg.spike)
-
-    def _warm_start(self, source: str) -> None:
-        """Load student/teacher weights of another run (fresh optimizer and schedule), resampling pos-embed."""
-        path = Path(source)
-        if path.is_dir():
-            found = load_latest(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
-            if found is None:
-                raise CheckpointError(f"init.from_checkpoint: no checkpoint in {path}")
-            state = found.state
-        else:
-            state = load_checkpoint(path)
-        model_cfg = self.cfg.model
-        try:
-            for key in ("student", "teacher"):
-                weights = state[key]
-                if self.cfg.init.resample_pos_embed:
-                    weights = resample_checkpoint_pos_embed(weights, model_cfg)
-                getattr(self.meta, key).load_state_dict(weights)
-            _Centres(self.meta).load_state_dict(state["centres"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(f"init.from_checkpoint {source}: weights do not fit the model: {err}") from err
-        log.info("warm start from %s (position embedding resampled to a %d-grid)", source,
-                 model_cfg.backbone.grid_size)
+        self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.monitor.tensorboard) if self.rt.is_main else None
 
     # ------------------------------------------------------------------ resume
-    def _check_compatible(self, saved_yaml: str, saved_world: int) -> None:
-        import yaml
-
-        saved, now = yaml.safe_load(saved_yaml), self.cfg.model_dump(mode="json")
-        for dotted in _IMMUTABLE_ON_RESUME:
-            a, b = _dig(saved, dotted), _dig(now, dotted)
-            if a != b:
-                raise ConfigError(f"cannot resume {self.run_dir}: '{dotted}' changed since its checkpoints were "
-                                  f"written (use a new run_dir, or init.from_checkpoint for a warm start)")
+    def _check_compatible(self, state: dict[str, Any]) -> None:
+        saved = yaml.safe_load(state["config_yaml"])
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{self.run_dir}: the checkpoint's recipe is not a mapping")
+        self.spec.check_resume(saved, state)
+        check_unchanged(saved, self.cfg.model_dump(mode="json"), _IMMUTABLE_ON_RESUME, run_dir=self.run_dir)
+        saved_world = int(state.get("world_size", 1))
         if saved["data"]["batch_size"] * saved["data"]["grad_accum"] * saved_world != self.global_batch:
             log.warning("global batch differs from the checkpoint's: the data stream continues from the same "
                         "step but steps now hold %d images", self.global_batch)
@@ -169,20 +104,20 @@ class Trainer:
             return
         if found.state.get("format") != "dinoforge-pretrain" or "config_yaml" not in found.state:
             raise CheckpointError(f"{found.path} is not a dinoforge pretraining checkpoint")
-        self._check_compatible(found.state["config_yaml"], int(found.state.get("world_size", 1)))
+        self._check_compatible(found.state)
         self._restore(found.state)
         if self.metrics is not None:
             self.metrics.truncate_after(self.progress.step)
         log.info("resumed from %s at step %d", found.path, self.progress.step)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        restore_state(state, student=self.par.raw_student, teacher=self.par.raw_teacher, centres=_Centres(self.meta),
+        restore_state(state, student=self.parts.student, teacher=self.parts.teacher, centres=self.parts.state,
                       optimizer=self.optimizer, scaler=self.precision.scaler, progress=self.progress,
                       rank=self.rt.rank, world_size=self.rt.world_size)
         self.detector.load_state_dict(state["spikes"])
 
     def _save(self) -> None:
-        state = collect_state(student=self.par.raw_student, teacher=self.par.raw_teacher, centres=_Centres(self.meta),
+        state = collect_state(student=self.parts.student, teacher=self.parts.teacher, centres=self.parts.state,
                               optimizer=self.optimizer, scaler=self.precision.scaler, progress=self.progress,
                               spikes=self.detector.state_dict(), config_yaml=self._config_yaml())
         state["world_size"] = self.rt.world_size
@@ -203,7 +138,7 @@ class Trainer:
         self._resume()
         if self.cfg.knn.at_start and self.progress.step == 0:
             self._knn_record()
-        self.meta.train()
+        self.parts.model.train()
         previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
         bar = ProgressBar(total=self.total_steps, initial=self.progress.step,
                           enabled=self.rt.is_main and self.cfg.monitor.progress)
@@ -231,9 +166,9 @@ class Trainer:
             step_start = time.perf_counter()
             micro = [move_batch(b, self.rt.device) for b in next(loader)]
             values = self.schedules.at(self.progress.step)
-            result = train_step(self.meta, micro, values=values, optimizer=self.optimizer, precision=self.precision,
-                                clip_grad=self.cfg.optim.clip_grad, detector=self.detector,
-                                student=self.par.raw_student, teacher=self.par.raw_teacher, device=self.rt.device)
+            result = train_step(self.parts.model, micro, values=values, optimizer=self.optimizer,
+                                precision=self.precision, clip_grad=self.cfg.optim.clip_grad, detector=self.detector,
+                                student=self.parts.student, teacher=self.parts.teacher, device=self.rt.device)
             if result.spike and self.cfg.spike.policy == "rollback" and self._rollback(micro[0]["data_step"]):
                 loader = self._loader()
                 continue
@@ -254,9 +189,9 @@ class Trainer:
                 break
         return last
 
-    def _loader(self):
+    def _loader(self) -> Iterator[list[dict]]:
         start = self.progress.data_step
-        return iter(batch_loader(self.batches, start=start, stop=start + self.total_steps - self.progress.step + 1,
+        return iter(batch_loader(self.parts.batches, start=start, stop=start + self.total_steps - self.progress.step + 1,
                                  num_workers=self.cfg.data.num_workers))
 
     def _advance(self, result: StepResult) -> None:
@@ -301,18 +236,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ monitoring and export
     def _log(self, result: StepResult, values: dict[str, float], batch: dict, img_per_s: float) -> dict[str, Any]:
-        ind = teacher_collapse_indicators(self.meta, batch, teacher_temp=values["teacher_temp"],
-                                          precision=self.precision)
         record: dict[str, Any] = {"step": self.progress.step,
                                   "epoch": self.progress.step / self.cfg.schedule.epoch_length, **values}
         record.update({("total_loss" if k == "total" else k): v for k, v in result.losses.items()})
         record.update({f"grad_norm_{k}": v for k, v in result.grad_norms.items()})
-        record.update(ind)
+        record.update(self.spec.indicators(batch, values, self.precision))
         record.update({"img_per_s": img_per_s, "images_seen": self.progress.images_seen,
                        "spikes_skipped": self.progress.skipped_steps, "rollbacks": self.progress.rollbacks,
                        "train_seconds": self.progress.train_seconds})
-        warning = collapse_warning(ind, min_feature_std=self.cfg.monitor.collapse_min_feature_std,
-                                   max_entropy=self.cfg.monitor.collapse_max_entropy)
+        warning = self.spec.collapse_warning(record)
         if warning and self.progress.step >= self.cfg.schedule.epoch_length:
             log.warning("step %d: %s", self.progress.step, warning)
             record["collapse_warning"] = warning
@@ -321,48 +253,19 @@ class Trainer:
         return record
 
     def _knn_record(self, *, periodic: bool = False) -> dict[str, float] | None:
-        teacher = gather_teacher(self.par.raw_teacher, self.cfg.model, is_main=self.rt.is_main)
-        out = None
-        if teacher is not None and self.knn is not None:
-            out = self.knn.evaluate(teacher, periodic=periodic)
-            if self.metrics is not None:
-                self.metrics.write({"step": self.progress.step, **out})
+        out = self.spec.evaluate(self.progress.step, periodic=periodic)
+        if out is not None and self.metrics is not None:
+            self.metrics.write({"step": self.progress.step, **out})
         _barrier()
         return out
 
     def _export(self, last: dict[str, Any]) -> Path | None:
-        teacher = gather_teacher(self.par.raw_teacher, self.cfg.model, is_main=self.rt.is_main)
-        path = None
-        if teacher is not None:
-            metrics = {k: float(v) for k, v in last.items() if isinstance(v, (int, float)) and k != "step"}
-            prov = Provenance(source="pretrain", recipe=self._config_yaml(),
-                              data_manifest_sha256=self.source.fingerprint, metrics=metrics,
-                              details={"step": self.progress.step, "data": self.cfg.data.source,
-                                       "run_dir": str(self.run_dir), "world_size": self.rt.world_size})
-            name = self.cfg.artifact.name or f"dinoforge-pretrain-{self.run_dir.name}"
-            path = write_teacher_artifact(self.run_dir / "artifact", teacher, name=name, preprocess=self.preprocess,
-                                          provenance=prov, include_heads=self.cfg.artifact.include_heads)
-            log.info("teacher artifact written to %s (step %d)", path, self.progress.step)
+        path = self.spec.export(self.progress.step, last)
         _barrier()
         return path
 
     def _request_stop(self, *_: object) -> None:
         self._stop = True
-
-
-class _Centres(torch.nn.Module):
-    """View of the meta-architecture's teacher-normalisation buffers (what a checkpoint stores as centres)."""
-
-    def __init__(self, meta: SSLMetaArch) -> None:
-        super().__init__()
-        self.dino_centering = meta.dino_centering
-        self.ibot_centering = meta.ibot_centering
-
-
-def _dig(tree: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 def _barrier() -> None:

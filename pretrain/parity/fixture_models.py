@@ -86,7 +86,7 @@ def official_name_map(module_tree: torch.nn.ModuleDict) -> dict[str, str]:
         params = dict(module.named_parameters())
         # Renaming needs the whole backbone (SwiGLU is recognised from fc1/fc2 shapes); dict order is kept.
         renamed = list(dinoforge_to_official(params)) if sub == "backbone" else list(params)
-        out.update({f"{sub}.{ours}": f"{sub}.{official}" for ours, official in zip(params, renamed)})
+        out.update({f"{sub}.{ours}": f"{sub}.{official}" for ours, official in zip(params, renamed, strict=True)})
     return out
 
 

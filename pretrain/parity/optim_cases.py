@@ -1,4 +1,8 @@
-"""Parity of the schedules and the optimizer parameter groups (``schedules`` and ``param_groups`` fixtures)."""
+"""Parity of the schedules and the optimizer parameter groups (``schedules`` and ``param_groups`` fixtures).
+
+The groups are read back from the optimizer :func:`~dinoforge.pretrain.optim.build_optimizer` builds for a run,
+and the effective values from its :func:`~dinoforge.pretrain.optim.apply_schedule`.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,10 @@ import torch
 from dinoforge.core.backbone import BackboneConfig
 from dinoforge.core.parity import Check, Tolerances, check_abs, check_exact
 from dinoforge.pretrain.meta_arch import HeadShape, MetaArchConfig, build_student
-from dinoforge.pretrain.optim import build_optimizer
+from dinoforge.pretrain.optim import OptimConfig, apply_schedule, build_optimizer
 from dinoforge.pretrain.parity.base import GuardedHandler
 from dinoforge.pretrain.parity.fixture_models import official_name_map
-from dinoforge.pretrain.param_groups import apply_optim_scheduler, iter_group_names, param_groups
+from dinoforge.pretrain.param_groups import iter_group_names
 from dinoforge.pretrain.schedules import CosineScheduler, ScheduleConfig, build_schedules, scaled_lr
 
 _SCHEDULE_NAMES = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
@@ -85,8 +89,12 @@ class ParamGroupsHandler(GuardedHandler):
 
     def _checks(self, fixture: Mapping[str, Any], source: str, tol: Tolerances) -> list[Check]:
         student = _student_from_config(fixture)
-        groups = param_groups(student, layerwise_decay=float(fixture["config/layerwise_decay"]),
-                              patch_embed_lr_mult=float(fixture["config/patch_embed_lr_mult"]))
+        betas = fixture["config/adamw_betas"]
+        # The optimizer the trainer builds; its groups are the fused parameter groups (with their names).
+        optimizer = build_optimizer(student, OptimConfig(
+            betas=(float(betas[0]), float(betas[1])), layerwise_decay=float(fixture["config/layerwise_decay"]),
+            patch_embed_lr_mult=float(fixture["config/patch_embed_lr_mult"])))
+        groups = optimizer.param_groups
         official = official_name_map(student)
         index = {official[n]: i for i, n in iter_group_names(groups)}
         names = list(fixture["param_names"])
@@ -94,7 +102,7 @@ class ParamGroupsHandler(GuardedHandler):
                   check_exact(f"{source}:num_optimizer_groups", len(groups), int(fixture["num_optimizer_groups"]))]
         if sorted(index) != sorted(names):
             return checks
-        params = {official[n]: p for g in groups for n, p in zip(g["names"], g["params"])}
+        params = {official[n]: p for g in groups for n, p in zip(g["names"], g["params"], strict=True)}
         shapes = [" ".join(str(d) for d in params[n].shape) for n in names]
         checks.append(check_exact(f"{source}:param_shapes", shapes, list(fixture["param_shapes"])))
         per_param = {key: [groups[index[n]][key] for n in names] for key in ("lr_multiplier", "wd_multiplier",
@@ -109,7 +117,6 @@ class ParamGroupsHandler(GuardedHandler):
             check_exact(f"{source}:optimizer_group_index", torch.tensor([index[n] for n in names]),
                         fixture["optimizer_group_index"]),
         ]
-        optimizer = build_optimizer(groups, betas=tuple(float(b) for b in fixture["config/adamw_betas"]))
         for state in ("frozen_last_layer", "live_last_layer"):
             if f"{state}/effective_lr" in fixture:
                 checks += self._effective(fixture, optimizer, state, names, index, source, t)
@@ -117,8 +124,8 @@ class ParamGroupsHandler(GuardedHandler):
 
     def _effective(self, fx: Mapping[str, Any], optimizer: torch.optim.Optimizer, state: str, names: list[str],
                    index: Mapping[str, int], source: str, t: float) -> list[Check]:
-        apply_optim_scheduler(optimizer, lr=float(fx["config/base_lr"]), wd=float(fx["config/weight_decay"]),
-                              last_layer_lr=float(fx[f"{state}/last_layer_lr"]))
+        apply_schedule(optimizer, {"lr": float(fx["config/base_lr"]), "wd": float(fx["config/weight_decay"]),
+                                   "last_layer_lr": float(fx[f"{state}/last_layer_lr"])})
         lr = torch.tensor([optimizer.param_groups[index[n]]["lr"] for n in names], dtype=torch.float64)
         wd = torch.tensor([optimizer.param_groups[index[n]]["weight_decay"] for n in names], dtype=torch.float64)
         return [check_abs(f"{source}:{state}/effective_lr", lr, fx[f"{state}/effective_lr"], t),

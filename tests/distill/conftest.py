@@ -15,12 +15,12 @@ FAST = ["train.threads=1", "data.num_workers=0", "monitor.progress=false", "knn.
 def pretrained_teacher(tmp_path_factory: pytest.TempPathFactory, fmnist_dir: Path) -> Path:
     """The artifact (backbone + DINO head, K = 64) of a short ``dinoforge pretrain --config tiny`` run."""
     from dinoforge.pretrain.config import load_pretrain_config
-    from dinoforge.pretrain.trainer import Trainer
+    from dinoforge.pretrain.pretrain_run import pretrain_trainer
 
     run_dir = tmp_path_factory.mktemp("teacher") / "tiny"
     cfg = load_pretrain_config("tiny", [f"run_dir={run_dir}", "train.threads=1", "train.max_steps=8",
                                         "checkpoint.every_steps=8", "knn.at_end=false"])
-    result = Trainer(cfg).run()
+    result = pretrain_trainer(cfg).run()
     assert result.artifact is not None
     return result.artifact
 

@@ -9,24 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from dinoforge.core.artifact import load_artifact, save_artifact
 from dinoforge.core.backbone.heads import DINOHead, HeadConfig
 from dinoforge.core.cli import main as cli_main
 from dinoforge.core.fileio import sha256_file
 from dinoforge.distill.config import DistillConfig, load_distill_config
-from dinoforge.distill.trainer import DistillTrainer
+from dinoforge.distill.trainer import distill_trainer
 from dinoforge.pretrain.checkpointing import checkpoint_path, list_checkpoints, load_checkpoint
 from dinoforge.pretrain.monitor import read_metrics
+from dinoforge.pretrain.trainer import Trainer
+
 from tests.distill.conftest import FAST
 
 SMALL = "{embed_dim: 16, depth: 2, num_heads: 2, patch_size: 7, img_size: 28, layerscale_init: 0.1}"
 WIDE = "{embed_dim: 24, depth: 2, num_heads: 2, patch_size: 7, img_size: 28, layerscale_init: 0.1}"
 
 
-def _train(run_dir: Path, teacher: Path, *overrides: str) -> tuple[DistillTrainer, object]:
+def _train(run_dir: Path, teacher: Path, *overrides: str) -> tuple[Trainer, object]:
     cfg = load_distill_config("tiny", [f"run_dir={run_dir}", f"teacher.path={teacher}", *FAST, *overrides])
-    trainer = DistillTrainer(cfg)
+    trainer = distill_trainer(cfg)
     return trainer, trainer.run()
 
 
@@ -83,8 +84,8 @@ def test_two_students_share_the_teacher_and_match_separate_runs(tmp_path: Path, 
         cfg = load_distill_config("tiny", [f"run_dir={tmp_path / key}", f"teacher.path={pretrained_teacher}", *FAST,
                                            students, "train.max_steps=5", "checkpoint.every_steps=5",
                                            "spike.policy='off'"])
-        trainer = DistillTrainer(cfg)
-        rows[key] = _hook_counter(trainer.meta.frozen.backbone.patch_embed)  # independent of our own counter
+        trainer = distill_trainer(cfg)
+        rows[key] = _hook_counter(trainer.parts.model.frozen.backbone.patch_embed)  # independent of our own counter
         trainer.run()
         finals[key] = load_checkpoint(checkpoint_path(tmp_path / key / "checkpoints", 5))
     # the teacher ran once per step (on 2 x 8 global crops) whether one or two students learn from it
@@ -109,7 +110,7 @@ def test_feature_mode_from_an_official_pth_learns(tmp_path: Path, official_pth: 
                              "checkpoint.every_steps=12", "monitor.log_every=1", "schedule.warmup_epochs=0",
                              "schedule.epochs=3", "schedule.lr_scaling=none", "schedule.base_lr=0.002")
     assert result.steps == 12
-    assert set(trainer.par.raw_student) == {"p7_backbone", "p7_adaptor", "same_backbone"}  # equal widths: no adaptor
+    assert set(trainer.parts.student) == {"p7_backbone", "p7_adaptor", "same_backbone"}  # equal widths: no adaptor
     records = [r for r in read_metrics(tmp_path / "f") if "total_loss" in r]
     assert records[-1]["teacher_forwards"] == 2 * 12  # global + local group, shared by both students
     for name in ("p7", "same"):
@@ -125,9 +126,9 @@ def test_feature_mode_from_an_official_pth_learns(tmp_path: Path, official_pth: 
 def test_student_initialised_from_an_artifact(tmp_path: Path, pretrained_teacher: Path) -> None:
     cfg = load_distill_config("tiny", [f"run_dir={tmp_path / 'i'}", f"teacher.path={pretrained_teacher}", *FAST,
                                        f"students=[{{name: copy, init: {pretrained_teacher}}}]", "train.max_steps=1"])
-    trainer = DistillTrainer(cfg)
+    trainer = distill_trainer(cfg)
     start = load_artifact(pretrained_teacher).backbone.state_dict()
-    got = trainer.par.raw_student["copy_backbone"].state_dict()
+    got = trainer.parts.student["copy_backbone"].state_dict()
     assert all(torch.equal(start[k], got[k]) for k in start)  # architecture and weights from the artifact
     trainer.run()
     card = json.loads((tmp_path / "i" / "artifacts" / "copy" / "model.json").read_text())
@@ -148,8 +149,8 @@ def test_separate_ibot_head_and_another_patch_size(tmp_path: Path, pretrained_te
     assert result.steps == 3
     # iBOT targets: the teacher's 4x4 patch grid averaged onto the student's 2x2 grid (2x2 block means), every
     # patch selected, then the teacher's separate iBOT head
-    meta = trainer.meta
-    batch = meta._loss_batch(trainer.batches[0][0])
+    meta = trainer.parts.model
+    batch = meta._loss_batch(trainer.parts.batches[0][0])
     raw = meta._teacher_logits(meta._student_views()[0], batch)
     with torch.no_grad():
         tokens = art.backbone.forward_dino(batch["global_crops"])["x_norm_patchtokens"]  # [16, 16, 32]
@@ -169,7 +170,7 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path: Path, pre
     for key, flag in (("plain", "false"), ("ac", "true")):
         trainer, _ = _train(tmp_path / key, pretrained_teacher, "train.max_steps=2", "checkpoint.every_steps=2",
                             f"parallel.activation_checkpointing={flag}")
-        assert trainer.par.raw_student["small_backbone"].grad_checkpointing is (flag == "true")
+        assert trainer.parts.student["small_backbone"].grad_checkpointing is (flag == "true")
         finals[key] = load_checkpoint(checkpoint_path(tmp_path / key / "checkpoints", 2))["student"]
     for name, value in finals["plain"].items():
         torch.testing.assert_close(finals["ac"][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -17,8 +17,9 @@ from dinoforge.core.config import build_config
 from dinoforge.core.errors import ConfigError
 from dinoforge.pretrain.masking import MaskingGenerator, collate_masks, mask_statistics
 from dinoforge.pretrain.meta_arch import HeadShape, MetaArchConfig, SSLMetaArch, build_student
-from dinoforge.pretrain.optim import build_optimizer
-from dinoforge.pretrain.param_groups import apply_optim_scheduler
+from dinoforge.pretrain.optim import OptimConfig, build_optimizer, ema_update
+from dinoforge.pretrain.spikes import SpikeConfig, SpikeDetector
+from dinoforge.pretrain.train_loop import make_precision, train_step
 
 B = 4
 
@@ -109,18 +110,18 @@ def test_accumulation_normalises_the_teacher_over_the_effective_batch(centering:
 
 
 def _train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict) -> dict[str, float]:
-    apply_optim_scheduler(optimizer, lr=1e-3, wd=0.04, last_layer_lr=1e-3)
-    optimizer.zero_grad(set_to_none=True)
-    logged = model.forward_backward([batch], teacher_temp=0.05)
-    model.clip_gradients(3.0)
-    optimizer.step()
-    model.update_teacher(0.99)
-    return logged
+    """The training step of ``dinoforge pretrain`` (train_loop.train_step) on one process."""
+    values = {"lr": 1e-3, "wd": 0.04, "last_layer_lr": 1e-3, "momentum": 0.99, "teacher_temp": 0.05}
+    result = train_step(model, [batch], values=values, optimizer=optimizer,
+                        precision=make_precision("fp32", torch.device("cpu")), clip_grad=3.0,
+                        detector=SpikeDetector(SpikeConfig(policy="off")), student=model.student,
+                        teacher=model.teacher, device=torch.device("cpu"))
+    return result.losses
 
 
 def test_state_dict_round_trip_continues_bit_exactly() -> None:
     model = _model(seed=0, drop_path_rate=0.2)
-    optimizer = build_optimizer(model.get_params_groups())
+    optimizer = build_optimizer(model.student, OptimConfig())
     for step in range(2):
         _train_step(model, optimizer, _batch(seed=10 + step))
     assert {"dino_centering.center", "ibot_centering.center"} <= set(model.state_dict())
@@ -131,7 +132,7 @@ def test_state_dict_round_trip_continues_bit_exactly() -> None:
 
     resumed = _model(seed=99, drop_path_rate=0.2)  # different init: everything must come from the state
     resumed.load_state_dict(saved[0])
-    resumed_opt = build_optimizer(resumed.get_params_groups())
+    resumed_opt = build_optimizer(resumed.student, OptimConfig())
     resumed_opt.load_state_dict(saved[1])
     torch.set_rng_state(saved[2])  # drop-path draws
     assert _train_step(resumed, resumed_opt, _batch(seed=12)) == expected
@@ -163,20 +164,20 @@ def test_a_frozen_external_teacher_can_drive_the_student() -> None:
     deeper_backbone = _config().backbone.model_copy(update={"depth": 3})
     deeper = build_student(_config().model_copy(update={"backbone": deeper_backbone}))
     with pytest.raises(ValueError, match="do not match"):
-        SSLMetaArch(_config(), teacher=deeper).update_teacher(0.9)
+        ema_update(deeper, SSLMetaArch(_config()).student, 0.9)
 
 
-def test_update_teacher_is_an_ema_over_backbone_and_heads() -> None:
+def test_ema_update_covers_backbone_and_heads() -> None:
     model = _model(ibot_separate_head=True)
     with torch.no_grad():
         for p in model.student.parameters():
             p.add_(1.0)
     teacher_before = [p.clone() for p in model.teacher.parameters()]
-    model.update_teacher(0.75)
+    ema_update(model.teacher, model.student, 0.75)
     for t0, t, s in zip(teacher_before, model.teacher.parameters(), model.student.parameters(), strict=True):
         torch.testing.assert_close(t, 0.75 * t0 + 0.25 * s)
-    model.update_teacher(0.0)
-    assert all(torch.equal(t, s) for t, s in zip(model.teacher.parameters(), model.student.parameters()))
+    ema_update(model.teacher, model.student, 0.0)
+    assert all(torch.equal(t, s) for t, s in zip(model.teacher.parameters(), model.student.parameters(), strict=True))
 
 
 def _norm(module: torch.nn.Module) -> float:

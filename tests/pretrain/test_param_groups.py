@@ -8,8 +8,8 @@ from torch import nn
 
 from dinoforge.core.backbone import BackboneConfig
 from dinoforge.pretrain.meta_arch import HeadShape, MetaArchConfig, build_student
-from dinoforge.pretrain.optim import build_optimizer
-from dinoforge.pretrain.param_groups import apply_optim_scheduler, clean_name, layer_id, param_groups
+from dinoforge.pretrain.optim import OptimConfig, apply_schedule, build_optimizer
+from dinoforge.pretrain.param_groups import clean_name, layer_id, param_groups
 from dinoforge.pretrain.parity.fixture_models import official_name_map
 
 _BACKBONE = BackboneConfig(embed_dim=32, depth=3, num_heads=2, patch_size=14, img_size=56, num_register_tokens=4)
@@ -71,11 +71,10 @@ def test_frozen_parameters_are_left_out() -> None:
     assert "backbone.patch_embed.proj.weight" not in names and "backbone.cls_token" in names
 
 
-def test_apply_optim_scheduler_sets_effective_values() -> None:
+def test_apply_schedule_sets_effective_values() -> None:
     student = _student()
-    groups = param_groups(student, layerwise_decay=0.5, patch_embed_lr_mult=0.2)
-    optimizer = build_optimizer(groups)
-    apply_optim_scheduler(optimizer, lr=1e-3, wd=0.04, last_layer_lr=0.0)
+    optimizer = build_optimizer(student, OptimConfig(layerwise_decay=0.5, patch_embed_lr_mult=0.2))
+    apply_schedule(optimizer, {"lr": 1e-3, "wd": 0.04, "last_layer_lr": 0.0})
     by_name = {n: g for g in optimizer.param_groups for n in g["names"]}
     assert by_name["backbone.patch_embed.proj.weight"]["lr"] == pytest.approx(1e-3 * 0.5 ** 4 * 0.2)
     assert by_name["backbone.blocks.2.attn.qkv.weight"]["lr"] == pytest.approx(1e-3 * 0.5)

@@ -20,10 +20,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dinoforge.core.cli import main
 from dinoforge.core.parity import run_parity
+from dinoforge.pretrain import train_loop
+from dinoforge.pretrain.losses import Centering
+from dinoforge.pretrain.meta_arch import SSLMetaArch
+from dinoforge.pretrain.optim import clip_grad_norms
 
 
 def _load(fixtures_dir: Path, name: str) -> dict:
@@ -167,3 +172,43 @@ def test_malformed_and_unknown_files_fail_cleanly(fixtures_dir: Path, tmp_path: 
     assert bad.case == "truncated.pt:dino_loss" and "step1/teacher_temp" in bad.note
     assert main(["parity", str(out)]) == 1
     assert "no handler recognises this file" in capsys.readouterr().out
+
+
+# One-line changes to the training step that ``dinoforge pretrain`` runs, and a check each must fail.
+_STEP_CHANGES = {
+    "no_centre_update": (lambda mp: mp.setattr(Centering, "update", lambda self, logits: None),
+                         "train_step_shared_centering.pt:step0/dino_center_next"),
+    "no_teacher_ema": (lambda mp: mp.setattr(train_loop, "ema_update", lambda teacher, student, momentum: None),
+                       "train_step_shared_centering.pt:teacher_after_step0/stored_grads"),
+    "no_clipping": (lambda mp: mp.setattr(SSLMetaArch, "clip_gradients",
+                                          lambda self, max_norm: clip_grad_norms(self.student, None)),
+                    "train_step_shared_centering.pt:student_after_step0/stored_grads"),
+    "no_schedule": (lambda mp: mp.setattr(train_loop, "apply_schedule", lambda optimizer, values: None),
+                    "train_step_shared_centering.pt:student_after_step0/stored_grads"),
+}
+
+
+@pytest.fixture(scope="module")
+def step_fixture_dir(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding only the two-step train-step fixture (optimizer step, EMA and drop path)."""
+    out = tmp_path_factory.mktemp("train_step")
+    (out / "train_step_shared_centering.pt").symlink_to(fixtures_dir / "train_step_shared_centering.pt")
+    return out
+
+
+def test_train_step_fixture_passes_on_the_real_step(step_fixture_dir: Path) -> None:
+    report = run_parity(step_fixture_dir)
+    assert report.passed, report.table(only_failures=True)
+    cases = {c.case.split(":", 1)[1] for c in report.checks}
+    assert {"step0/chained/grad_norm_before_clip/dino_head", "teacher_after_step0/chained",
+            "step1/dino_center_next", "droppath_step0/grad/backbone.blocks.1.attn.qkv.weight"} <= cases
+
+
+@pytest.mark.parametrize("change", sorted(_STEP_CHANGES))
+def test_a_change_to_the_real_step_fails_parity(change: str, step_fixture_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    apply, must_fail = _STEP_CHANGES[change]
+    apply(monkeypatch)
+    report = run_parity(step_fixture_dir)
+    failed = {c.case for c in report.checks if not c.passed}
+    assert not report.passed and must_fail in failed, sorted(failed)[:10]

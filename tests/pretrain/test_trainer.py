@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from dinoforge.core.artifact import load_artifact
 from dinoforge.core.backbone.pos_embed import resample_pos_embed_param
 from dinoforge.core.cli import main as cli_main
 from dinoforge.pretrain.checkpointing import checkpoint_path, list_checkpoints, load_checkpoint
 from dinoforge.pretrain.config import PretrainConfig, load_pretrain_config
 from dinoforge.pretrain.monitor import collapse_indicators, collapse_warning, read_metrics
+from dinoforge.pretrain.pretrain_run import pretrain_trainer
 from dinoforge.pretrain.spikes import SpikeConfig, SpikeDetector, TrainingDivergedError
-from dinoforge.pretrain.trainer import Trainer
 
 FAST = ["train.threads=1", "train.max_steps=6", "checkpoint.every_steps=3", "monitor.log_every=2"]
 
@@ -90,7 +89,7 @@ def test_rerun_of_a_finished_run_changes_nothing(tiny_run: Path) -> None:
     before = load_checkpoint(checkpoint_path(tiny_run / "checkpoints", 6))["student"]
     cfg = load_pretrain_config(tiny_run / "config.yaml", [*FAST, "knn.at_end=false", "knn.every_steps=null",
                                                           "monitor.tensorboard=false"])
-    result = Trainer(cfg).run()
+    result = pretrain_trainer(cfg).run()
     assert result.steps == 6 and not result.stopped_early
     after = load_checkpoint(checkpoint_path(tiny_run / "checkpoints", 6))["student"]
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -131,18 +130,18 @@ def test_corrupt_checkpoints_and_changed_recipe_are_refused(tmp_path: Path, caps
 def test_high_resolution_adaptation(tmp_path: Path) -> None:
     """Warm start at 42 px from a 28 px run: position embedding resampled, fresh schedule, trains."""
     low = tmp_path / "low"
-    Trainer(load_pretrain_config("tiny", [f"run_dir={low}", *FAST[:1], "train.max_steps=2"])).run()
+    pretrain_trainer(load_pretrain_config("tiny", [f"run_dir={low}", *FAST[:1], "train.max_steps=2"])).run()
     old = load_checkpoint(list_checkpoints(low / "checkpoints")[-1][1])
     cfg = load_pretrain_config("tiny", [f"run_dir={tmp_path / 'high'}", *FAST[:1], "train.max_steps=2",
                                         f"init.from_checkpoint={low}", "crops.global_crops_size=42",
                                         "crops.local_crops_size=21", "model.backbone.img_size=42",
                                         "schedule.epochs=1", "schedule.warmup_epochs=0"])
-    trainer = Trainer(cfg)
+    trainer = pretrain_trainer(cfg)
     for tree in ("student", "teacher"):
         expect = resample_pos_embed_param(old[tree]["backbone.pos_embed"], 6, offset=0.1, antialias=False)
-        got = getattr(trainer.meta, tree)["backbone"].pos_embed.detach()
+        got = getattr(trainer.parts.model, tree)["backbone"].pos_embed.detach()
         assert got.shape == (1, 37, 32) and torch.equal(got, expect)
-        assert torch.equal(getattr(trainer.meta, tree)["backbone"].blocks[0].attn.qkv.weight.detach(),
+        assert torch.equal(getattr(trainer.parts.model, tree)["backbone"].blocks[0].attn.qkv.weight.detach(),
                            old[tree]["backbone.blocks.0.attn.qkv.weight"])
     result = trainer.run()
     assert result.steps == 2
@@ -179,7 +178,7 @@ def test_spike_policies_in_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     cfg = load_pretrain_config("tiny", [f"run_dir={tmp_path / policy}", *FAST[:1], "train.max_steps=8",
                                         "checkpoint.every_steps=2", "monitor.log_every=1", f"spike.policy={policy}",
                                         "knn.at_end=false"])
-    result = Trainer(cfg).run()
+    result = pretrain_trainer(cfg).run()
     assert result.steps == 8
     final = load_checkpoint(checkpoint_path(tmp_path / policy / "checkpoints", 8))["progress"]
     if policy == "skip":
@@ -215,7 +214,7 @@ def test_activation_checkpointing_changes_nothing_and_mixed_precision_trains(tmp
     runs = {}
     for name, extra in {"plain": [], "ac": ["parallel.activation_checkpointing=true"],
                         "bf16": ["train.precision=bf16"], "fp16": ["train.precision=fp16"]}.items():
-        Trainer(load_pretrain_config("tiny", [f"run_dir={tmp_path / name}", *common, *extra])).run()
+        pretrain_trainer(load_pretrain_config("tiny", [f"run_dir={tmp_path / name}", *common, *extra])).run()
         runs[name] = _final_student(tmp_path / name, 3)
     for key, value in runs["plain"].items():  # recomputation replays the same ops and the same RNG draws
         assert torch.equal(value, runs["ac"][key]), key
@@ -230,7 +229,7 @@ def test_activation_checkpointing_changes_nothing_and_mixed_precision_trains(tmp
 def test_time_budget_stops_with_a_checkpoint(tmp_path: Path) -> None:
     cfg = load_pretrain_config("tiny", [f"run_dir={tmp_path}", *FAST[:1], "train.max_minutes=0.0001",
                                         "knn.at_end=false"])
-    result = Trainer(cfg).run()
+    result = pretrain_trainer(cfg).run()
     assert result.stopped_early and result.steps == 1
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [1]
     assert (tmp_path / "artifact" / "model.json").is_file()
