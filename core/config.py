@@ -7,6 +7,7 @@ error that names the full dotted key. Overrides are parsed as YAML scalars/lists
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,6 +76,9 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+_SECRET = re.compile(r"key|secret|token|password", re.IGNORECASE)
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """One line per problem, each naming the dotted key (``unknown key 'optim.lrr'``)."""
     lines = []
@@ -84,6 +88,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"unknown key {key!r}")
         elif problem["type"] == "missing":
             lines.append(f"missing required key {key!r}")
+        elif not problem["loc"] or _SECRET.search(key):
+            # a whole-model check's input is the entire config, and a secret's value must never be printed
+            lines.append(f"{key}: {problem['msg']}")
         else:
             lines.append(f"{key}: {problem['msg']} (got {problem.get('input')!r})")
     return f"invalid config ({source}):\n  " + "\n  ".join(lines)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import logging
 import os
@@ -36,13 +35,6 @@ def _api_keys(args: argparse.Namespace) -> list[str]:
     return keys
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """Build :class:`ServeSettings` from ``dinoforge serve`` arguments (errors name the option)."""
     from dinoforge.serve.settings import ServeSettings
@@ -53,6 +45,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         "max_pixels", "head", "index_dir", "triton_url", "triton_model", "triton_protocol", "warmup")}
     fields["max_payload_bytes"] = int(args.max_payload_mb * 1024 * 1024)
     fields["api_keys"] = _api_keys(args)
+    fields["insecure_no_auth"] = args.insecure_no_auth
     try:
         return ServeSettings(**fields)
     except ValidationError as err:
@@ -67,9 +60,9 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.model is None and settings.backend != "triton":
         raise ConfigError("dinoforge serve needs --model (an artifact dir, an .onnx export or a TensorRT engine)")
-    if not _is_loopback(settings.host) and not settings.api_keys:
-        log.warning("binding %s without --api-key: anyone who can reach this port can use the server",
-                    settings.host)
+    if settings.insecure_no_auth and not settings.api_keys:
+        log.warning("--insecure-no-auth: anyone who can reach %s:%d can use the server", settings.host,
+                    settings.port)
     check_port(settings.host, settings.port)
     resources = load_resources(settings)  # errors here are the user's: clear message, exit 2
     log.info("dinoforge serve: %s on http://%s:%d (docs at /docs)", resources.backend.describe(), settings.host,

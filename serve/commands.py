@@ -46,6 +46,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", default=[], help="accepted Bearer key (repeatable); also "
                    "$DINOFORGE_API_KEYS (comma-separated) and --api-key-file")
     p.add_argument("--api-key-file", type=Path, help="file with one key per line")
+    p.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback --host without API keys "
+                   "(refused otherwise: anyone who reaches the port could use the server)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     p.add_argument("--max-queue-size", type=int, default=512, help="images admitted at once; beyond: 429")

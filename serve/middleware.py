@@ -6,6 +6,7 @@ request before its body is read: a wrong key or an oversized ``Content-Length`` 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import time
@@ -38,6 +39,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
 
 
 class MetricsMiddleware:
@@ -78,13 +83,15 @@ class AuthMiddleware:
     """Requires ``Authorization: Bearer KEY`` with one of ``keys`` on every path except ``open_paths``."""
 
     def __init__(self, app: ASGIApp, *, keys: list[str], open_paths: frozenset[str] = frozenset({"/health"})) -> None:
-        self.app, self.keys, self.open_paths = app, [k.encode() for k in keys], open_paths
+        # only digests are kept: equal-length values for compare_digest, and no key in clear text in memory dumps
+        self.app, self.keys, self.open_paths = app, [_digest(k.encode()) for k in keys], open_paths
 
     def _allowed(self, header: str | None) -> bool:
         if not header or not header[:7].lower() == "bearer ":
             return False
-        given = header[7:].strip().encode()
-        # compare against every key (no early exit) so timing does not reveal which prefix matched
+        # headers arrive as bytes and are decoded latin-1: encoding back gives the client's bytes (UTF-8 keys work)
+        given = _digest(header[7:].strip().encode("latin-1"))
+        # constant time: every key is compared (no early exit), on fixed-length digests (no length leak)
         return sum(hmac.compare_digest(given, key) for key in self.keys) > 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +28,9 @@ class ServeSettings(StrictModel):
     device: str = Field("cpu", description="torch / TensorRT device, e.g. cpu or cuda:0")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = no auth")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = no auth (only "
+                                      "on a loopback address, or with insecure_no_auth)")
+    insecure_no_auth: bool = Field(False, description="allow a non-loopback bind without API keys")
     # batching engine
     max_batch_size: int = Field(32, gt=0)
     max_queue_delay_ms: float = Field(2.0, ge=0, description="how long a partial batch waits for more images")
@@ -58,6 +61,10 @@ class ServeSettings(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
+        if not self.api_keys and not self.insecure_no_auth and not is_loopback(self.host):
+            raise ValueError(f"binding {self.host} without an API key would let anyone who reaches the port use "
+                             "the server: give keys (--api-key, --api-key-file, $DINOFORGE_API_KEYS) or pass "
+                             "--insecure-no-auth")
         if self.backend == "triton" and not (self.triton_url and self.triton_model):
             raise ValueError("the triton backend needs triton_url and triton_model")
         if self.max_queue_size < self.max_images_per_request:
@@ -68,3 +75,11 @@ class ServeSettings(StrictModel):
     def key_values(self) -> list[str]:
         """The configured API keys in clear text."""
         return [k.get_secret_value() for k in self.api_keys]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (``127.0.0.0/8``, ``::1``, ``localhost``)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
