@@ -43,6 +43,9 @@ DEFAULT_MAX_RESIZED_PIXELS = 4_000_000
 #: Decoding at reduced scale (JPEG draft, ``Image.reduce``) keeps at least this factor above the size the contract
 #: resizes to, so the final antialiased resize still sees enough pixels (Pillow's ``reducing_gap`` idea).
 REDUCING_GAP = 2.0
+#: Images up to this many pixels are decoded exactly (so serving matches extraction on ordinary photos); only
+#: larger ones take the reduced-scale path, where the result differs slightly from a full decode.
+REDUCE_ABOVE_PIXELS = 4_000_000
 
 
 class PreprocessConfig(StrictModel):
@@ -148,7 +151,7 @@ def decoded_pixels(width: int, height: int, fmt: str | None, cfg: PreprocessConf
 
     What decoding an image costs, known from its header: the serving engine budgets requests with it.
     """
-    if fmt not in ("JPEG", "MPO"):
+    if fmt not in ("JPEG", "MPO") or width * height <= REDUCE_ABOVE_PIXELS:
         return width * height
     want_w, want_h = _reduced_request(width, height, cfg)
     scale = next(s for s in (8, 4, 2, 1) if width // s >= want_w and height // s >= want_h or s == 1)
@@ -159,8 +162,11 @@ def reduce_for_model(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     """Box-reduce an image by an integer factor while it stays ``REDUCING_GAP`` times above the resize target.
 
     A 8000 x 8000 picture for a 256 px contract becomes 533 x 533 in uint8 before the float32 resize, instead
-    of a 768 MB float copy; images within a factor ``2 * REDUCING_GAP`` of the target are returned unchanged.
+    of a 768 MB float copy; images within a factor ``2 * REDUCING_GAP`` of the target, or of at most
+    :data:`REDUCE_ABOVE_PIXELS`, are returned unchanged.
     """
+    if img.width * img.height <= REDUCE_ABOVE_PIXELS:
+        return img
     want_w, want_h = _reduced_request(img.width, img.height, cfg)
     factor = int(min(img.width / want_w, img.height / want_h))
     return img.reduce(factor) if factor >= 2 else img
@@ -175,8 +181,8 @@ def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEF
         source: encoded bytes, a path or an open binary file.
         max_pixels: decoded-pixel limit, checked on the header before decoding.
         fit: the contract the image is decoded for: its resized size is checked against ``max_resized_pixels``
-            before decoding, JPEGs are decoded at a reduced scale (draft mode) and other formats box-reduced
-            (:func:`reduce_for_model`) when they are far larger than the model needs.
+            before decoding; images over :data:`REDUCE_ABOVE_PIXELS` and far larger than the model needs are
+            decoded at a reduced scale (JPEG draft mode) or box-reduced (:func:`reduce_for_model`).
         max_resized_pixels: limit on the resize output (only with ``fit``).
 
     Raises:
@@ -194,7 +200,7 @@ def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEF
             check_image_budget(height, width, fit, max_pixels=max_pixels, max_resized_pixels=max_resized_pixels)
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
-            if fit is not None and img.format in ("JPEG", "MPO"):
+            if fit is not None and img.format in ("JPEG", "MPO") and width * height > REDUCE_ABOVE_PIXELS:
                 img.draft(None, _reduced_request(width, height, fit))  # DCT scaling: 1/2, 1/4 or 1/8 decode
             img.load()
             img = to_rgb(ImageOps.exif_transpose(img) or img)

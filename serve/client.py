@@ -69,7 +69,8 @@ class _Collector:
             self.rows.append(decode_vector(item["embedding"]))
             if self.patches is not None:
                 h, w = item.get("patch_grid") or (0, 0)
-                self.patches.append(decode_vector(item["patch_tokens"]).reshape(h * w, -1))
+                dtype = item.get("patch_tokens_dtype") or "float32"
+                self.patches.append(decode_vector(item["patch_tokens"], dtype=dtype).reshape(h * w, -1))
         self.timings.append(body.get("timing", {}))
 
     def build(self, names: list[str]) -> Embeddings:

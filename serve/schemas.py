@@ -31,6 +31,9 @@ class EmbeddingsRequest(_Request):
     pooling: Pooling | None = Field(None, description="cls, mean (patch tokens) or cls+mean; default: card's")
     normalize: bool = True
     return_patch_tokens: bool = False
+    patch_tokens_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="float16: patch tokens as base64 of little-endian float16 (whatever "
+                               "encoding_format says), a quarter of float32 base64 size and ~1/9 of a JSON list")
     user: str | None = Field(None, description="accepted for OpenAI compatibility; ignored")
 
 
@@ -47,8 +50,11 @@ class EmbeddingItem(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: list[float] | str
-    patch_tokens: list[list[float]] | str | None = Field(None, description="[N, D] (base64: flattened)")
+    patch_tokens: list[list[float]] | str | None = Field(None, description="[N, D] (base64: flattened, "
+                                                                     "row-major, little-endian)")
     patch_grid: list[int] | None = Field(None, description="[h, w] of the patch tokens")
+    patch_shape: list[int] | None = Field(None, description="[N, D] of the patch tokens")
+    patch_tokens_dtype: Literal["float32", "float16"] | None = Field(None, description="dtype of base64 tokens")
 
 
 class Usage(BaseModel):

@@ -48,6 +48,7 @@ class ServeSettings(StrictModel):
     large_image_pixels: int = Field(4_000_000, gt=0, description="images decoding to more pixels go to one "
                                     "dedicated decode thread, so small requests never wait behind them")
     max_top_k: int = Field(1000, gt=0)
+    max_response_bytes: int = Field(64 * 1024 * 1024, gt=0, description="estimated response size; beyond: 413")
     # classification head and retrieval index
     head: Path | None = Field(None, description="classification head built by `dinoforge serve build-head`")
     index_dir: Path | None = Field(None, description="folder holding the retrieval index (created if missing)")

@@ -13,17 +13,20 @@ from starlette.datastructures import UploadFile
 
 from dinoforge.serve.backends.base import Backend
 from dinoforge.serve.engine import EngineResult
-from dinoforge.serve.errors import InvalidInput
+from dinoforge.serve.errors import InvalidInput, PayloadTooLarge
 from dinoforge.serve.images import check_count, decode_input
 from dinoforge.serve.pooling import PoolingOptions, pooled_dim
-from dinoforge.serve.wire import encode_vector
+from dinoforge.serve.wire import encode_vector, encoded_bytes
 from dinoforge.serve.responses import ERROR_RESPONSES, json_response, timing, validation_message
 from dinoforge.serve.schemas import EmbeddingsRequest, EmbeddingsResponse, as_list
 from dinoforge.serve.state import ServerState, get_state
 
 router = APIRouter(tags=["embeddings"])
 #: form fields accepted by the upload route besides the files
-UPLOAD_OPTIONS = ("model", "encoding_format", "dimensions", "pooling", "normalize", "return_patch_tokens")
+UPLOAD_OPTIONS = ("model", "encoding_format", "dimensions", "pooling", "normalize", "return_patch_tokens",
+                  "patch_tokens_dtype")
+#: JSON around each item and the envelope, generously (keys, index, grid, timing)
+_ITEM_OVERHEAD, _BODY_OVERHEAD = 160, 1024
 
 
 def pooling_options(backend: Backend, pooling: str | None, normalize: bool, dimensions: int | None) -> PoolingOptions:
@@ -35,10 +38,28 @@ def pooling_options(backend: Backend, pooling: str | None, normalize: bool, dime
     return PoolingOptions(pooling=pooling, normalize=normalize, dimensions=dimensions)  # type: ignore[arg-type]
 
 
-def _patch_item(row_patch: np.ndarray, size: tuple[int, int], patch_size: int, fmt: str) -> dict[str, Any]:
+def _patch_item(row_patch: np.ndarray, size: tuple[int, int], patch_size: int,
+                req: EmbeddingsRequest) -> dict[str, Any]:
+    """``row_patch``: ``[N, D]`` float32 tokens of one image."""
     grid = [size[0] // patch_size, size[1] // patch_size]
-    tokens: Any = encode_vector(row_patch.reshape(-1), "base64") if fmt == "base64" else row_patch.tolist()
-    return {"patch_tokens": tokens, "patch_grid": grid}
+    if req.encoding_format == "float" and req.patch_tokens_dtype == "float32":
+        return {"patch_tokens": row_patch.tolist(), "patch_grid": grid}
+    return {"patch_tokens": encode_vector(row_patch.reshape(-1), "base64", req.patch_tokens_dtype),
+            "patch_grid": grid, "patch_shape": list(row_patch.shape), "patch_tokens_dtype": req.patch_tokens_dtype}
+
+
+def check_response_size(result: EngineResult, dim: int, req: EmbeddingsRequest, limit: int) -> None:
+    """413 before serialising a response that would be larger than ``limit`` bytes (estimated from shapes)."""
+    size = _BODY_OVERHEAD + len(result.rows) * (_ITEM_OVERHEAD + encoded_bytes(dim, req.encoding_format))
+    if req.return_patch_tokens:
+        patch_fmt = "float" if req.encoding_format == "float" and req.patch_tokens_dtype == "float32" else "base64"
+        for row in result.rows:
+            if row.patch is not None:
+                size += encoded_bytes(row.patch[0].numel(), patch_fmt, req.patch_tokens_dtype)
+    if size > limit:
+        raise PayloadTooLarge(f"the response would be about {size} bytes, over this server's limit of {limit}: "
+                              "send fewer images per request, or use encoding_format=base64 and "
+                              "patch_tokens_dtype=float16, or drop return_patch_tokens")
 
 
 async def embed_images(state: ServerState, request: Request, images: list[bytes], req: EmbeddingsRequest,
@@ -52,12 +73,13 @@ async def embed_images(state: ServerState, request: Request, images: list[bytes]
                            "(re-export with `dinoforge export onnx --patch-tokens`)")
     result: EngineResult = await state.embed(request, images)
     vectors = state.pooled(result, options)  # [n, D']
+    check_response_size(result, vectors.shape[1], req, state.settings.max_response_bytes)
     data = []
     for i, vec in enumerate(vectors):
         item: dict[str, Any] = {"object": "embedding", "index": i, "embedding": encode_vector(vec, req.encoding_format)}
         patch = result.rows[i].patch
         if req.return_patch_tokens and patch is not None:
-            item.update(_patch_item(patch[0].numpy(), result.sizes[i], backend.info.patch_size, req.encoding_format))
+            item.update(_patch_item(patch[0].numpy(), result.sizes[i], backend.info.patch_size, req))
         data.append(item)
     p = backend.info.patch_size
     tokens = sum(1 + (h // p) * (w // p) for h, w in result.sizes)

@@ -77,6 +77,7 @@ def test_huge_png_is_box_reduced_before_the_float_resize() -> None:
     assert img.size == (800, 600)  # reduce(5): still >= 2 x the 341 x 256 resize output
     assert torch.equal(pil_to_uint8(img)[:, 0, 0], torch.tensor([200, 30, 90], dtype=torch.uint8))
     assert decode_image(png(600, 500), fit=CROP).size == (600, 500)  # close to the target: untouched
+    assert decode_image(png(2000, 1900), fit=CROP).size == (2000, 1900)  # ordinary photo sizes decode exactly
 
 
 def test_extract_skips_and_records_thin_images_and_resumes(tiny_artifact: Path, sample_images_dir: Path,
