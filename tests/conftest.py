@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,14 @@ def _foolbox_data_dir() -> Path | None:
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """The official DINOv2 golden fixtures (``shared/fixtures/dinov2``)."""
+    """The official DINOv2 golden fixtures (``../shared/fixtures/dinov2`` beside the checkout).
+
+    They live outside the repository: a checkout cloned alone skips the tests that compare against them (and
+    says why) instead of failing them. CI has the folder, so there they run.
+    """
     if not FIXTURES_DIR.is_dir():
-        pytest.fail(f"golden fixtures not found at {FIXTURES_DIR} (set DINOFORGE_FIXTURES)")
+        pytest.skip(f"{FIXTURES_DIR} not found: the official DINOv2 golden fixtures live beside the checkout "
+                    "(../shared/fixtures/dinov2); set DINOFORGE_FIXTURES to use another copy")
     return FIXTURES_DIR
 
 
@@ -61,6 +67,21 @@ def tuxpaint_dir() -> Path:
     if not TUXPAINT_DIR.is_dir():
         pytest.fail("Debian package tuxpaint-stamps-default is not installed (run `make test`)")
     return TUXPAINT_DIR
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test: on tiny tensors a second OpenMP thread only waits on the first.
+
+    Used by the files of many small-tensor tests (``pytestmark = pytest.mark.usefixtures("one_thread")``);
+    the thread count is restored afterwards so the tests that measure or parallelise keep the default.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

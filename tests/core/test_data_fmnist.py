@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dinoforge.core.data import FASHION_MNIST_CLASSES, FashionMNISTSource, Sample, read_idx
@@ -19,13 +18,7 @@ from dinoforge.core.data import fmnist
 from dinoforge.core.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensor ops: on a shared 2-core machine extra OpenMP threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def _reference_idx(path: Path) -> np.ndarray:

@@ -16,16 +16,11 @@ from dinoforge.core.data import (UNLABELLED, BadSample, ImageFolderSource, Skipp
 from dinoforge.core.data.loader import SkipStats
 from dinoforge.core.errors import DataError, ImageDecodeError
 from dinoforge.core.preprocess import PreprocessConfig, preprocess_image
-from tests.core.test_data_sources import make_labelled_folder, write_corrupt_jpeg
+from tests.core.helpers import make_labelled_folder, write_corrupt_jpeg
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensor ops: on a shared 2-core machine extra OpenMP threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
+
 
 CFG = PreprocessConfig(mode="center_crop", size=28, resize_size=32, patch_size=14)
 

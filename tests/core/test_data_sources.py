@@ -8,41 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from dinoforge.core.data import (UNLABELLED, BadSample, ImageFolderSource, ManifestSource, Sample, open_source,
                                  parse_spec)
 from dinoforge.core.errors import DataError
+from tests.core.helpers import GROUPS, make_labelled_folder, write_corrupt_jpeg
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensor ops: on a shared 2-core machine extra OpenMP threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-GROUPS = ("cifar10", "imagenet", "mnist")
-
-
-def make_labelled_folder(sample_images_dir: Path, root: Path, per_class: int = 4) -> dict[str, list[str]]:
-    """Copy real images into ``root/<group>/`` class folders; returns the relative paths per class."""
-    made: dict[str, list[str]] = {}
-    for group in GROUPS:
-        files = sorted(sample_images_dir.glob(f"{group}_*"))[:per_class]
-        (root / group).mkdir(parents=True, exist_ok=True)
-        for f in files:
-            shutil.copy(f, root / group / f.name)
-        made[group] = [f"{group}/{f.name}" for f in files]
-    return made
-
-
-def write_corrupt_jpeg(path: Path, sample_images_dir: Path) -> None:
-    """A real JPEG cut in half: the header parses, the data does not."""
-    data = next(sample_images_dir.glob("imagenet_*.jpg")).read_bytes()
-    path.write_bytes(data[: len(data) // 3])
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 # ---------------------------------------------------------------------------------------------- folders

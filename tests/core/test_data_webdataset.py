@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dinoforge.core.data import (BadSample, Sample, WebDatasetSource, expand_braces, image_batches, iter_good,
@@ -19,13 +18,7 @@ from dinoforge.core.errors import DataError
 from dinoforge.core.preprocess import PreprocessConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensor ops: on a shared 2-core machine extra OpenMP threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

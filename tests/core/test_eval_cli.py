@@ -7,21 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from dinoforge.core.cli import main
 from dinoforge.core.data import open_source
 from dinoforge.core.eval import extract_features, knn_classify, load_eval_model
-from tests.core.test_data_sources import make_labelled_folder, write_corrupt_jpeg
+from tests.core.helpers import make_labelled_folder, write_corrupt_jpeg
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensor ops: on a shared 2-core machine extra OpenMP threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def test_knn_report_matches_python_api(tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -17,16 +17,10 @@ from dinoforge.core.errors import ArtifactError, CheckpointError, ConfigError, D
 from dinoforge.core.eval import (PIXEL_CONTRACT, BackboneExtractor, PixelExtractor, extract_features,
                                  load_eval_model)
 from dinoforge.core.preprocess import PreprocessConfig, preprocess_image
-from tests.core.test_data_sources import make_labelled_folder, write_corrupt_jpeg
+from tests.core.helpers import make_labelled_folder, write_corrupt_jpeg
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensor ops: on a shared 2-core machine extra OpenMP threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def test_poolings_match_backbone_outputs(tiny_reg_artifact: Path) -> None:

@@ -13,13 +13,7 @@ from dinoforge.core.errors import DataError
 from dinoforge.core.eval import LinearProbeConfig, linear_probe, train_linear_grid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensor ops: on a shared 2-core machine extra OpenMP threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def _data(n: int, dim: int, classes: int, seed: int, spread: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
