@@ -149,7 +149,9 @@ def create_app(settings: ServeSettings, *, backend: Backend | None = None,
     install_error_handlers(app)
     types = {path: "application/json" for path in JSON_ROUTES} | {"/v1/embeddings/upload": "multipart/form-data"}
     # added innermost first: requests meet metrics -> auth -> guard -> routes
-    app.add_middleware(GuardMiddleware, max_bytes=settings.max_payload_bytes, content_types=types)
+    app.add_middleware(GuardMiddleware, max_bytes=settings.max_payload_bytes, content_types=types,
+                       body_timeout_s=settings.body_timeout_s, body_deadline_s=settings.request_timeout_s,
+                       max_inflight_bytes=settings.max_inflight_body_bytes)
     app.add_middleware(AuthMiddleware, keys=settings.key_values())
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=[r for router in routers for r in router.routes])
     return app

@@ -50,6 +50,13 @@ class PayloadTooLarge(ServeError):
     status = 413
 
 
+class RequestTimeout(ServeError):
+    """The client sent its request body too slowly (a pause longer than the body timeout)."""
+
+    status = 408
+    kind = "timeout_error"
+
+
 class UnsupportedMediaType(ServeError):
     """The request's Content-Type does not fit the route."""
 

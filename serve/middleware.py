@@ -6,6 +6,7 @@ request before its body is read: a wrong key or an oversized ``Content-Length`` 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -15,7 +16,8 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Match
 
-from dinoforge.serve.errors import PayloadTooLarge, ServeError, Unauthorized, UnsupportedMediaType, error_body
+from dinoforge.serve.errors import (Overloaded, PayloadTooLarge, RequestTimeout, ServeError, Unauthorized,
+                                   UnsupportedMediaType, error_body)
 from dinoforge.serve.metrics import ServeMetrics
 
 Scope = MutableMapping[str, Any]
@@ -107,42 +109,73 @@ class AuthMiddleware:
 
 
 class GuardMiddleware:
-    """Refuses oversized bodies (413) and wrong content types (415) before any route sees the request.
+    """Refuses oversized (413), slow (408) and too many concurrent (429) bodies and wrong content types (415)
+    before any route sees the request; the limits apply while the body streams in, never after buffering it.
 
     Args:
         app: the wrapped app.
         max_bytes: body limit, checked on ``Content-Length`` and again while reading (chunked uploads).
         content_types: ``path -> expected media type prefix`` for routes with a body.
+        body_timeout_s: longest pause between two body chunks (a trickling client gets 408).
+        body_deadline_s: longest time to receive a whole body (408 after it).
+        max_inflight_bytes: bytes of request bodies held by all requests at once; a body that would go over
+            gets 429 with ``Retry-After``, so parallel large uploads cannot exhaust memory.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, content_types: dict[str, str]) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, content_types: dict[str, str], body_timeout_s: float = 10.0,
+                 body_deadline_s: float = 60.0, max_inflight_bytes: int = 256 * 1024 * 1024) -> None:
         self.app, self.max_bytes, self.content_types = app, max_bytes, content_types
+        self.body_timeout_s, self.body_deadline_s = body_timeout_s, body_deadline_s
+        self.max_inflight_bytes = max_inflight_bytes
+        self.inflight = 0  # bytes reserved by bodies being read or held by running requests
 
     def _too_large(self, size: int) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body is {size} bytes or more; this server accepts at most "
                                f"{self.max_bytes} bytes")
 
-    def _check_headers(self, scope: Scope) -> None:
+    def _busy(self) -> Overloaded:
+        return Overloaded(f"server is receiving {self.inflight} bytes of other requests (limit "
+                          f"{self.max_inflight_bytes}); retry later", retry_after=1)
+
+    def _check_headers(self, scope: Scope) -> int:
+        """Validate the head; returns the declared body length (0 when unknown)."""
         length = _header(scope, b"content-length")
-        if length is not None and length.strip().isdigit() and int(length) > self.max_bytes:
-            raise self._too_large(int(length))
+        declared = int(length) if length is not None and length.strip().isdigit() else 0
+        if declared > self.max_bytes:
+            raise self._too_large(declared)
         expected = self.content_types.get(scope["path"])
         if expected is not None and scope["method"] == "POST":
             given = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
             if given != expected:
                 raise UnsupportedMediaType(f"Content-Type must be {expected} for {scope['path']}, "
                                            f"got {given or 'none'!r}")
+        return declared
 
-    async def _read_body(self, receive: Receive) -> bytes:
+    def _reserve(self, n: int) -> None:
+        if self.inflight + n > self.max_inflight_bytes:
+            raise self._busy()
+        self.inflight += n
+
+    async def _read_body(self, receive: Receive, held: list[int]) -> bytes:
+        """Read the whole body under the limits; ``held[0]`` tracks the bytes reserved for it."""
         chunks, size = [], 0
+        deadline = time.monotonic() + self.body_deadline_s  # a byte every few seconds must not last forever
         while True:
-            message = await receive()
+            wait = min(self.body_timeout_s, deadline - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
+            except TimeoutError:
+                raise RequestTimeout(f"request body too slow: {size} bytes received, then nothing for "
+                                     f"{self.body_timeout_s:g} s or past {self.body_deadline_s:g} s in all") from None
             if message["type"] == "http.disconnect":
                 raise ConnectionResetError("client disconnected")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
                 raise self._too_large(size)
+            if size > held[0]:  # a chunked body, or more than declared: reserve as it grows
+                self._reserve(size - held[0])
+                held[0] = size
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -151,21 +184,32 @@ class GuardMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        held = [0]
         try:
-            self._check_headers(scope)
-            body = await self._read_body(receive)
-        except ServeError as err:
-            await send_error(send, err)
-            return
-        except ConnectionResetError:
-            return
-        sent = False
+            try:
+                declared = self._check_headers(scope)
+                self._reserve(declared)  # refused before a byte is read when the declared body does not fit
+                held[0] = declared
+                body = await self._read_body(receive, held)
+            except ServeError as err:
+                await send_error(send, err)
+                return
+            except ConnectionResetError:
+                return
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.inflight -= held[0]  # the body is held until the request is answered
 
-        async def replay() -> Message:
-            nonlocal sent
-            if sent:
-                return await receive()  # only a disconnect can follow
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app the body already read, then passes on (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

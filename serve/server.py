@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import threading
 import time
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dinoforge.core.errors import ConfigError
 from dinoforge.serve.app import Resources, create_app
 from dinoforge.serve.backends.base import Backend
+from dinoforge.serve.errors import error_body
 from dinoforge.serve.settings import ServeSettings
 
 
@@ -22,12 +27,67 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+_BUSY_BODY = json.dumps(error_body(503, "too many open connections; retry later", "unavailable_error")).encode()
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+         b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol plus the two guards it lacks against slow or numerous clients.
+
+    * a connection cap: connections beyond ``max_connections`` get a 503 and are closed at once (uvicorn's
+      ``limit_concurrency`` only answers once a whole request head has arrived, and keeps the socket);
+    * a deadline for request heads: a connection that has not sent a complete head ``head_timeout_s`` after
+      it opened or finished its last response is closed (uvicorn's keep-alive timer restarts on every byte,
+      so a client trickling one header line at a time would hold the connection forever).
+    """
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(_BUSY)
+                transport.close()
+                return
+            self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:
+                self._arm_head_timer()  # between requests, or a head still incomplete
+            elif self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(head_timeout_s, self._head_timed_out)
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete):
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
 def uvicorn_config(settings: ServeSettings, backend: Backend | None = None, *, resources: Resources | None = None,
                    **overrides: Any) -> uvicorn.Config:
-    """uvicorn settings for the app: one process (the engine batches across requests), no access log."""
+    """uvicorn settings for the app: one process (the engine batches across requests), no access log, the
+    connection cap and head deadline of :func:`guarded_protocol`."""
     app = create_app(settings, backend=backend, resources=resources)
     kwargs: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": "warning",
-                              "access_log": False, "lifespan": "on", "timeout_graceful_shutdown": 10}
+                              "access_log": False, "lifespan": "on", "timeout_graceful_shutdown": 10,
+                              "http": guarded_protocol(settings.max_connections, settings.header_timeout_s),
+                              "limit_concurrency": settings.max_connections,
+                              "timeout_keep_alive": min(5.0, settings.header_timeout_s)}
     kwargs.update(overrides)
     return uvicorn.Config(app, **kwargs)
 

@@ -49,6 +49,12 @@ class ServeSettings(StrictModel):
                                     "dedicated decode thread, so small requests never wait behind them")
     max_top_k: int = Field(1000, gt=0)
     max_response_bytes: int = Field(64 * 1024 * 1024, gt=0, description="estimated response size; beyond: 413")
+    # slow or numerous clients
+    max_connections: int = Field(256, gt=0, description="open connections; beyond: 503 and closed")
+    header_timeout_s: float = Field(10.0, gt=0, description="time to send a complete request head")
+    body_timeout_s: float = Field(10.0, gt=0, description="longest pause between two chunks of a request body")
+    max_inflight_body_bytes: int = Field(256 * 1024 * 1024, gt=0, description="request bodies held at once "
+                                         "(all requests); beyond: 429")
     # classification head and retrieval index
     head: Path | None = Field(None, description="classification head built by `dinoforge serve build-head`")
     index_dir: Path | None = Field(None, description="folder holding the retrieval index (created if missing)")
@@ -68,6 +74,9 @@ class ServeSettings(StrictModel):
                              "--insecure-no-auth")
         if self.backend == "triton" and not (self.triton_url and self.triton_model):
             raise ValueError("the triton backend needs triton_url and triton_model")
+        if self.max_inflight_body_bytes < self.max_payload_bytes:
+            raise ValueError(f"max_inflight_body_bytes {self.max_inflight_body_bytes} is smaller than "
+                             f"max_payload_bytes {self.max_payload_bytes}: the largest request could never be read")
         if self.max_queue_size < self.max_images_per_request:
             raise ValueError(f"max_queue_size {self.max_queue_size} is smaller than max_images_per_request "
                              f"{self.max_images_per_request}: such a request could never be admitted")
