@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from dinoforge.core.config import save_config
-from dinoforge.core.extract.distributed import RankInfo, finish, init_ranks
 from dinoforge.core.index import SubsetVectors
+from dinoforge.core.runtime import Runtime, init_runtime, shutdown_runtime
 from dinoforge.curate import dedup, relative
 from dinoforge.curate.config import CurateConfig
 from dinoforge.curate.embed import Embeddings, run_embed
@@ -31,7 +31,7 @@ log = logging.getLogger("dinoforge.curate")
 class _Run:
     """One execution of a recipe: state, embeddings and the reports of the steps."""
 
-    def __init__(self, cfg: CurateConfig, info: RankInfo) -> None:
+    def __init__(self, cfg: CurateConfig, info: Runtime) -> None:
         self.cfg, self.info = cfg, info
         self.state = RunState(cfg.output, info)
         self.emb = Embeddings(self.state, cfg)
@@ -129,8 +129,8 @@ class _Run:
 
 def run_curation(cfg: CurateConfig) -> dict[str, Any]:
     """Run (or resume) a curation recipe; returns the final report (rank 0; other ranks get ``{}``)."""
-    info = init_ranks(cfg.embed.device)
+    info = init_runtime(cfg.embed.device)
     try:
         return _Run(cfg, info).run()
     finally:
-        finish(info)
+        shutdown_runtime(info)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dinoforge.core.extract.distributed import RankInfo, barrier
 from dinoforge.core.fileio import atomic_write_bytes, atomic_write_json
-from dinoforge.core.index import IndexConfig, VectorIndex, VectorSource
+from dinoforge.core.index import IndexConfig, VectorIndex, VectorSource, tune_index
+from dinoforge.core.runtime import Runtime, barrier
 
 log = logging.getLogger("dinoforge.curate")
 Keep = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]
@@ -44,7 +44,7 @@ class PoolIndex:
         return keep_rows[pos] == self.rows if keep_rows.size else np.zeros(self.rows.size, bool)
 
 
-def build_or_load(path: Path, source: VectorSource, rows: np.ndarray, cfg: IndexConfig, info: RankInfo, *,
+def build_or_load(path: Path, source: VectorSource, rows: np.ndarray, cfg: IndexConfig, info: Runtime, *,
                   tune_queries: np.ndarray | None = None) -> tuple[PoolIndex, dict[str, object]]:
     """The saved index at ``path``, building (rank 0) and tuning it first when it is not there yet.
 
@@ -65,7 +65,7 @@ def build_or_load(path: Path, source: VectorSource, rows: np.ndarray, cfg: Index
         start = time.perf_counter()
         index = VectorIndex.build(source, cfg)
         built = time.perf_counter() - start
-        recall = index.tune(source, queries=tune_queries)
+        recall = tune_index(index, source, queries=tune_queries)
         log.info("index %s over %d vectors: recall@10 %.4f with %s", index.plan.factory, index.ntotal,
                  recall.recall, index.search_params)
         _write_npy(rows_file, np.asarray(rows, dtype=np.int64))
@@ -91,7 +91,7 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def sharded_search(index: PoolIndex, queries: VectorSource, k: int, out_dir: Path, info: RankInfo, *,
+def sharded_search(index: PoolIndex, queries: VectorSource, k: int, out_dir: Path, info: Runtime, *,
                    chunk_rows: int, keep: Keep, allowed: np.ndarray | None = None) -> list[Path]:
     """Search every query row, writing what ``keep`` returns per chunk to ``out_dir/chunk-XXXXX.npz``.
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dinoforge.core.extract.distributed import RankInfo, barrier
 from dinoforge.core.fileio import atomic_write_json, atomic_write_text
+from dinoforge.core.runtime import Runtime, barrier
 
 STEPS_DIR = "steps"
 
@@ -37,7 +37,7 @@ class RunState:
         info: this process's rank (markers are written by rank 0 only).
     """
 
-    def __init__(self, root: str | Path, info: RankInfo) -> None:
+    def __init__(self, root: str | Path, info: Runtime) -> None:
         self.root = Path(root)
         self.info = info
         self.root.mkdir(parents=True, exist_ok=True)

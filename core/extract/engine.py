@@ -27,13 +27,13 @@ from dinoforge.core.errors import ConfigError
 from dinoforge.core.eval.features import autocast_context, pool
 from dinoforge.core.eval.model import load_eval_model
 from dinoforge.core.extract.config import ExtractConfig
-from dinoforge.core.extract.distributed import RankInfo, barrier, finish, init_ranks, rank_device
 from dinoforge.core.extract.loading import UnitBatch, indexed_loader, tar_loader
 from dinoforge.core.extract.plan import (SHARDS_DIR, Unit, check_claim, claim_output, done_units, job_spec,
                                          plan_units, remove_stale_staging, units_of_rank)
 from dinoforge.core.extract.store import finalize
 from dinoforge.core.extract.writer import UnitWriter
 from dinoforge.core.fileio import atomic_directory
+from dinoforge.core.runtime import Runtime, barrier, init_runtime, shutdown_runtime
 
 log = logging.getLogger("dinoforge.extract")
 
@@ -140,7 +140,7 @@ def _consume(batch: UnitBatch, open_units: dict[int, _OpenUnit], by_index: dict[
 
 
 def _run_units(source: DataSource, units: list[Unit], model: Any, compute: FeatureComputer, out_dir: Path,
-               config: ExtractConfig, info: RankInfo) -> tuple[int, SkipStats]:
+               config: ExtractConfig, info: Runtime) -> tuple[int, SkipStats]:
     stats = SkipStats()
     if not units:
         return 0, stats
@@ -168,8 +168,8 @@ def _run_units(source: DataSource, units: list[Unit], model: Any, compute: Featu
     return committed, stats
 
 
-def _open(config: ExtractConfig, info: RankInfo) -> tuple[Any, DataSource, list[Unit], dict[str, Any]]:
-    device = rank_device(config.device, info)
+def _open(config: ExtractConfig, info: Runtime) -> tuple[Any, DataSource, list[Unit], dict[str, Any]]:
+    device = info.device
     model = load_eval_model(config.model, poolings=("cls",), device=device, autocast=config.autocast,
                             preprocess_overrides=config.preprocess)
     if (model.kind == "pixels") != (config.features == ("pixels",)):
@@ -194,7 +194,7 @@ def run_extraction(config: ExtractConfig) -> ExtractResult:
             another job.
     """
     started = time.perf_counter()
-    info = init_ranks(config.device)
+    info = init_runtime(config.device)
     try:
         model, source, units, spec = _open(config, info)
         out_dir = Path(config.output)
@@ -217,7 +217,7 @@ def run_extraction(config: ExtractConfig) -> ExtractResult:
         summary = finalize(out_dir) if complete and info.is_main else None
         barrier(info)
     finally:
-        finish(info)
+        shutdown_runtime(info)
     return ExtractResult(output=out_dir, units_total=len(units), units_done_now=committed, rows_now=stats.good,
                          bad_now=stats.bad, seconds=time.perf_counter() - started, complete=complete,
                          summary=summary)
