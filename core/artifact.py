@@ -17,7 +17,7 @@ import datetime as _dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field, ValidationError
@@ -32,12 +32,12 @@ from dinoforge.core.backbone.heads import DINOHead, HeadConfig
 from dinoforge.core.config import StrictModel, format_validation_error
 from dinoforge.core.errors import ArtifactError, CheckpointError
 from dinoforge.core.fileio import atomic_directory, atomic_write_json, sha256_file
+from dinoforge.core.pooling import Pooling
 from dinoforge.core.preprocess import PreprocessConfig
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
-Pooling = Literal["cls", "mean", "cls+mean"]
 
 
 class Provenance(StrictModel):

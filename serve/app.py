@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from dinoforge.core import __version__
 from dinoforge.core.errors import ArtifactError, DinoforgeError
+from dinoforge.core.pooling import pooled_dim
 from dinoforge.serve.backends import create_backend
 from dinoforge.serve.backends.base import Backend
 from dinoforge.serve.engine import BatchingEngine
@@ -26,7 +27,6 @@ from dinoforge.serve.heads import ClassificationHead, load_head
 from dinoforge.serve.index_store import IndexStore
 from dinoforge.serve.metrics import ServeMetrics
 from dinoforge.serve.middleware import AuthMiddleware, GuardMiddleware, MetricsMiddleware
-from dinoforge.serve.pooling import pooled_dim
 from dinoforge.serve.responses import install_error_handlers
 from dinoforge.serve.routes import classify, embeddings, health, retrieval
 from dinoforge.serve.settings import ServeSettings

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from dinoforge.core.config import StrictModel, format_validation_error
 from dinoforge.core.errors import ArtifactError
 from dinoforge.core.fileio import atomic_directory, atomic_write_json
-from dinoforge.serve.pooling import Pooling
+from dinoforge.core.pooling import Pooling
 
 HEAD_CARD, HEAD_WEIGHTS = "head.json", "head.safetensors"
 HEAD_FORMAT_VERSION = 1

@@ -1,15 +1,18 @@
-"""Post-processing shared by every backend: pooling, truncation and normalisation."""
+"""Request-level embedding options on top of core pooling: truncation (OpenAI's ``dimensions``) and L2 norm.
+
+The pooling itself is :func:`dinoforge.core.pooling.pool`, the one evaluation and the export parity check
+use, so a served vector is the one the model card describes.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Pooling = Literal["cls", "mean", "cls+mean"]
-POOLINGS: tuple[str, ...] = ("cls", "mean", "cls+mean")
+from dinoforge.core.pooling import Pooling
+from dinoforge.core.pooling import pool as pool_tokens
 
 
 @dataclass(frozen=True)
@@ -27,13 +30,8 @@ class PoolingOptions:
     dimensions: int | None = None
 
 
-def pooled_dim(embed_dim: int, pooling: str) -> int:
-    """Width of a pooled vector before truncation."""
-    return 2 * embed_dim if pooling == "cls+mean" else embed_dim
-
-
 def pool(cls: torch.Tensor, mean: torch.Tensor, options: PoolingOptions) -> torch.Tensor:
-    """Pool backbone outputs into embeddings.
+    """Pool backbone outputs into embeddings, then truncate and normalise as the request asks.
 
     Args:
         cls: ``[B, D]`` final-LayerNorm class tokens.
@@ -43,15 +41,7 @@ def pool(cls: torch.Tensor, mean: torch.Tensor, options: PoolingOptions) -> torc
     Returns:
         float32 ``[B, D']`` with ``D' = dimensions or pooled_dim(D, pooling)``.
     """
-    if options.pooling == "cls":
-        out = cls
-    elif options.pooling == "mean":
-        out = mean
-    elif options.pooling == "cls+mean":
-        out = torch.cat([cls, mean], dim=-1)  # [B, 2D]
-    else:
-        raise ValueError(f"unknown pooling {options.pooling!r}; expected one of {POOLINGS}")
-    out = out.float()
+    out = pool_tokens(cls, mean, options.pooling).float()
     if options.dimensions is not None:
         out = out[:, : options.dimensions]
     if options.normalize:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dinoforge.serve.pooling import Pooling
+from dinoforge.core.pooling import Pooling
 
 
 class _Request(BaseModel):

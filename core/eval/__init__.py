@@ -12,9 +12,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # static names for type checkers and IDEs; at run time __getattr__ imports on first use
-    from dinoforge.core.eval.features import (POOLINGS, BackboneExtractor, FeatureExtractor, FeatureSet,
-                                              PixelExtractor, autocast_context, check_poolings, extract_features,
-                                              image_to_features, pool, resolve_device)
+    from dinoforge.core.eval.features import (BackboneExtractor, FeatureExtractor, FeatureSet, PixelExtractor,
+                                              autocast_context, extract_features, image_to_features)
     from dinoforge.core.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, KnnResult, knn_class_scores, knn_classify
     from dinoforge.core.eval.linear import LinearProbeConfig, LinearProbeResult, linear_probe, train_linear_grid
     from dinoforge.core.eval.model import PIXEL_CONTRACT, EvalModel, load_eval_model
@@ -23,9 +22,8 @@ if TYPE_CHECKING:  # static names for type checkers and IDEs; at run time __geta
     from dinoforge.core.eval.runner import environment, open_pair, run_knn, run_linear, run_retrieval, write_report
 
 _EXPORTS = {
-    "features": ("POOLINGS", "BackboneExtractor", "FeatureExtractor", "FeatureSet", "PixelExtractor",
-                 "autocast_context", "check_poolings", "extract_features", "image_to_features", "pool",
-                 "resolve_device"),
+    "features": ("BackboneExtractor", "FeatureExtractor", "FeatureSet", "PixelExtractor", "autocast_context",
+                 "extract_features", "image_to_features"),
     "knn": ("DEFAULT_KS", "DEFAULT_TEMPERATURE", "KnnResult", "check_knn_settings", "knn_class_scores",
             "knn_classify"),
     "linear": ("LinearProbeConfig", "LinearProbeResult", "linear_probe", "train_linear_grid"),

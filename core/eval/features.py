@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 from dinoforge.core.backbone import DinoVisionTransformer
 from dinoforge.core.data import DataSource, ImageBatch, SkipStats, image_batches
 from dinoforge.core.errors import ConfigError, DataError
+from dinoforge.core.pooling import check_poolings, pool
 from dinoforge.core.preprocess import PreprocessConfig
+from dinoforge.core.runtime import resolve_device
 
-Pooling = Literal["cls", "mean", "cls+mean"]
-POOLINGS: tuple[str, ...] = ("cls", "mean", "cls+mean")
 Autocast = Literal["bf16", "fp16"] | None
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,17 +31,6 @@ class FeatureExtractor(Protocol):
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``torch.device`` from a string; a CUDA device that is not available is a :class:`ConfigError`."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"invalid device {device!r}: {err}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but no CUDA GPU is available (use --device cpu)")
-    return dev
-
-
 def autocast_context(device: torch.device, autocast: Autocast) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``bf16``/``fp16``, or a no-op."""
     if autocast is None:
@@ -51,41 +40,12 @@ def autocast_context(device: torch.device, autocast: Autocast) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[autocast])
 
 
-def check_poolings(poolings: Sequence[str]) -> tuple[str, ...]:
-    """Validate pooling names (duplicates removed, order kept)."""
-    out = tuple(dict.fromkeys(poolings))
-    unknown = [p for p in out if p not in POOLINGS]
-    if unknown or not out:
-        raise ConfigError(f"unknown pooling {unknown or list(poolings)}; choose from {', '.join(POOLINGS)}")
-    return out
-
-
-def pool(cls_token: torch.Tensor, patch_tokens: torch.Tensor, pooling: str) -> torch.Tensor:
-    """One pooling of normalised tokens.
-
-    Args:
-        cls_token: ``[B, D]``.
-        patch_tokens: ``[B, N, D]`` (registers excluded).
-        pooling: ``cls``, ``mean`` or ``cls+mean``.
-
-    Returns:
-        ``[B, D]`` (``[B, 2D]`` for ``cls+mean``).
-    """
-    if pooling == "cls":
-        return cls_token
-    if pooling == "mean":
-        return patch_tokens.mean(dim=1)
-    if pooling == "cls+mean":
-        return torch.cat([cls_token, patch_tokens.mean(dim=1)], dim=-1)
-    raise ConfigError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
-
-
 class BackboneExtractor:
     """Frozen backbone features under ``torch.inference_mode`` (several poolings from one forward pass).
 
     Args:
         backbone: a :class:`DinoVisionTransformer` (put in eval mode and moved to ``device``).
-        poolings: names from :data:`POOLINGS`.
+        poolings: names from :data:`~dinoforge.core.pooling.POOLINGS`.
         device: where the forward pass runs.
         autocast: ``bf16``/``fp16`` mixed precision, or ``None`` for full precision.
     """
@@ -102,8 +62,8 @@ class BackboneExtractor:
         with torch.inference_mode(), autocast_context(self.device, self.autocast):
             out = self.backbone.forward_dino(pixels.to(self.device, non_blocking=True))
         cls_token = out["x_norm_clstoken"].float()  # [B, D]
-        patches = out["x_norm_patchtokens"].float()  # [B, N, D]
-        return {name: pool(cls_token, patches, name).cpu() for name in self.names}
+        patch_mean = out["x_norm_patchtokens"].float().mean(dim=1)  # [B, N, D] -> [B, D]
+        return {name: pool(cls_token, patch_mean, name).cpu() for name in self.names}
 
 
 class PixelExtractor:

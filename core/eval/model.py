@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from dinoforge.core.config import apply_overrides, build_config
 from dinoforge.core.errors import CheckpointError
-from dinoforge.core.eval.features import Autocast, BackboneExtractor, FeatureExtractor, PixelExtractor, check_poolings
+from dinoforge.core.eval.features import Autocast, BackboneExtractor, FeatureExtractor, PixelExtractor
+from dinoforge.core.pooling import check_poolings
 from dinoforge.core.preprocess import PreprocessConfig
 
 PIXELS = "pixels"

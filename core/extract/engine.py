@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dinoforge.core.data import DataSource, IndexedSource, SkipStats, open_source
 from dinoforge.core.errors import ConfigError
-from dinoforge.core.eval.features import autocast_context, pool
+from dinoforge.core.eval.features import autocast_context
 from dinoforge.core.eval.model import load_eval_model
 from dinoforge.core.extract.config import ExtractConfig
 from dinoforge.core.extract.loading import UnitBatch, indexed_loader, tar_loader
@@ -33,6 +33,7 @@ from dinoforge.core.extract.plan import (SHARDS_DIR, Unit, check_claim, claim_ou
 from dinoforge.core.extract.store import finalize
 from dinoforge.core.extract.writer import UnitWriter
 from dinoforge.core.fileio import atomic_directory
+from dinoforge.core.pooling import pool
 from dinoforge.core.runtime import Runtime, barrier, init_runtime, shutdown_runtime
 
 log = logging.getLogger("dinoforge.extract")
@@ -77,7 +78,8 @@ class FeatureComputer:
             out = self.backbone.forward_dino(pixels.to(self.device, non_blocking=True))
         cls_token = out["x_norm_clstoken"].float()  # [B, D]
         patches = out["x_norm_patchtokens"].float()  # [B, N, D]
-        return {name: (patches if name == "patch" else pool(cls_token, patches, name)).cpu().numpy()
+        patch_mean = patches.mean(dim=1)  # [B, D]
+        return {name: (patches if name == "patch" else pool(cls_token, patch_mean, name)).cpu().numpy()
                 for name in self.features}
 
 

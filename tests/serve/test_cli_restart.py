@@ -74,7 +74,7 @@ def test_index_survives_a_graceful_restart(tiny_artifact: Path, tmp_path: Path, 
     with pytest.raises(Exception, match="index .* was built with"):
         from dinoforge.serve.backends.torch_backend import info_from_card
         from dinoforge.serve.index_store import IndexStore
-        from dinoforge.serve.pooling import pooled_dim
+        from dinoforge.core.pooling import pooled_dim
 
         info = info_from_card(load_card(other))
         IndexStore(tmp_path / "index", dim=pooled_dim(info.embed_dim, "cls"), pooling="cls",
