@@ -3,7 +3,7 @@
 Typical use::
 
     index = VectorIndex.build(ShardedVectors(memmaps), IndexConfig())   # plan, train on a sample, add chunks
-    report = index.tune(database)                                        # nprobe for recall@10 >= 0.95
+    report = tune_index(index, database)                                 # nprobe for recall@10 >= 0.95
     scores, ids = index.search(queries, k=10)                            # [nq, 10] each
     index.save("pool.index")                                             # directory, written atomically
 
@@ -28,6 +28,7 @@ from dinoforge.core.fileio import atomic_directory
 from dinoforge.core.index.config import IVF_KINDS, IndexConfig, IndexPlan, plan_index
 from dinoforge.core.index.exact import faiss_metric
 from dinoforge.core.index.vectors import VectorSource, check_finite, l2_normalize, sample_rows
+from dinoforge.core.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,23 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when GPU faiss is usable, else ``cpu``; ``cuda`` without GPU faiss is an error."""
+def faiss_device(device: str) -> str:
+    """Where faiss runs for a device choice: ``cpu`` or ``cuda``.
+
+    The names are those of every device (:func:`dinoforge.core.runtime.resolve_device`), but the GPU that
+    counts is faiss's: ``auto`` takes it only when this faiss build has GPU support, and ``cuda`` without it
+    is an error rather than a silent CPU fallback.
+
+    Raises:
+        MissingDependencyError: ``cuda`` with a faiss build that has no GPU support or sees no GPU.
+        ConfigError: a malformed device name.
+    """
     if device == "auto":
         return "cuda" if gpu_available() else "cpu"
-    if device == "cuda" and not gpu_available():
+    if device.startswith("cuda") and not gpu_available():
         raise MissingDependencyError("device 'cuda' needs the faiss-gpu package and a visible GPU; "
                                      "this faiss build has none (use device 'cpu' or 'auto')")
-    return device
+    return resolve_device(device).type
 
 
 class VectorIndex:
@@ -64,7 +74,7 @@ class VectorIndex:
     def __init__(self, index: faiss.Index, plan: IndexPlan, config: IndexConfig, *, device: str = "cpu") -> None:
         self.plan = plan
         self.config = config
-        self.device = resolve_device(device)
+        self.device = faiss_device(device)
         self.search_params: dict[str, int] = {}
         self.last_recall: dict[str, Any] | None = None
         self._gpu_resources = None
@@ -273,19 +283,6 @@ class VectorIndex:
         for start, chunk in source.iter_chunks(self.config.search_batch):
             scores, ids = self.search(chunk, k)
             yield start, scores, ids
-
-    def tune(self, database: VectorSource, *, queries: np.ndarray | None = None, k: int = 10,
-             target: float | None = None) -> Any:
-        """Pick the smallest search breadth reaching ``target`` recall@k (see :func:`.tune.tune_index`)."""
-        from dinoforge.core.index.tune import tune_index
-
-        return tune_index(self, database, queries=queries, k=k, target=target)
-
-    def recall(self, database: VectorSource, *, queries: np.ndarray | None = None, k: int = 10) -> Any:
-        """Recall@k against exact search on sampled queries (see :func:`.tune.measure_recall`)."""
-        from dinoforge.core.index.tune import measure_recall
-
-        return measure_recall(self, database, queries=queries, k=k)
 
     # ------------------------------------------------------------------ persistence
     def describe(self) -> dict[str, Any]:

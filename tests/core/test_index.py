@@ -9,7 +9,7 @@ import pytest
 
 from dinoforge.core.errors import ConfigError, DataError, MissingDependencyError
 from dinoforge.core.index import (ArrayVectors, IndexConfig, ShardedVectors, SubsetVectors, VectorIndex,
-                                  default_nlist, exact_search, plan_index, recall_at_k)
+                                  default_nlist, exact_search, measure_recall, plan_index, recall_at_k, tune_index)
 
 
 def clustered(n: int, d: int, *, centers: int = 64, spread: float = 0.3, seed: int = 0) -> np.ndarray:
@@ -68,7 +68,7 @@ def test_ivf_tuning_reaches_target_and_full_probe_is_exact() -> None:
     source = ArrayVectors(base.astype(np.float16))  # float16 storage like the extraction shards
     index = VectorIndex.build(source, IndexConfig(flat_max=1000, tune_queries=300))
     assert index.plan.kind == "ivf_flat" and index.plan.nlist == 512
-    report = index.tune(source)
+    report = tune_index(index, source)
     assert report.recall >= 0.95 and report.num_queries == 300
     assert index.last_recall["target"] == 0.95 and index.search_params["nprobe"] < 512
     index.set_search_params(nprobe=512)  # every list probed: exact
@@ -81,10 +81,10 @@ def test_ivf_pq_and_hnsw_report_their_recall() -> None:
     base = clustered(4000, 16, centers=60)
     source = ArrayVectors(base)
     pq = VectorIndex.build(source, IndexConfig(kind="ivf_pq", nlist=16, pq_m=2, tune_queries=200))
-    report = pq.recall(source)
+    report = measure_recall(pq, source)
     assert 0.0 < report.recall < 1.0 and report.params["factory"] == "IVF16,PQ2x8np"
     hnsw = VectorIndex.build(source, IndexConfig(kind="hnsw", hnsw_m=16, tune_queries=200))
-    assert hnsw.tune(source).recall >= 0.95 and "ef_search" in hnsw.search_params
+    assert tune_index(hnsw, source).recall >= 0.95 and "ef_search" in hnsw.search_params
     with pytest.raises(ConfigError, match="cannot remove"):
         hnsw.remove(np.array([1]))
 
@@ -94,7 +94,7 @@ def test_fast_scan_index_tunes_to_target_and_filters_like_brute_force() -> None:
     source = ArrayVectors(base)
     index = VectorIndex.build(source, IndexConfig(flat_max=1000, fast_scan_min=10_000, tune_queries=300))
     assert index.plan.kind == "ivf_pq_fs" and index.plan.factory == "IVF256,PQ8x4fs,RFlat"
-    report = index.tune(source)
+    report = tune_index(index, source)
     assert report.recall >= 0.95 and index.search_params["nprobe"] < 256
     index.set_search_params(nprobe=256)  # every list probed: only the 4-bit ranking can differ, re-ranked exactly
     queries = base[:40]
@@ -111,7 +111,7 @@ def test_fast_scan_index_tunes_to_target_and_filters_like_brute_force() -> None:
         index.remove(np.array([1]))
     shallow = VectorIndex.build(source, IndexConfig(flat_max=1000, fast_scan_min=10_000, tune_queries=300,
                                                     k_factor=2))
-    assert shallow.tune(source).recall >= 0.95 and shallow.search_params["k_factor"] > 2  # tuning deepens it
+    assert tune_index(shallow, source).recall >= 0.95 and shallow.search_params["k_factor"] > 2  # tuning deepens it
 
 
 def test_recall_counts_ties_as_correct() -> None:
@@ -140,7 +140,7 @@ def test_restricted_search_equals_brute_force_on_the_subset() -> None:
 def test_save_load_roundtrip_and_bad_files(tmp_path: Path) -> None:
     base = clustered(5000, 24, centers=30)
     index = VectorIndex.build(ArrayVectors(base), IndexConfig(kind="ivf_flat", nlist=64, nprobe=9))
-    index.recall(ArrayVectors(base))
+    measure_recall(index, ArrayVectors(base))
     before = index.search(base[:20], 5)
     index.save(tmp_path / "idx")
     loaded = VectorIndex.load(tmp_path / "idx", mmap=True)
