@@ -27,10 +27,12 @@ import torch
 
 from dinoforge.core.artifact import Artifact, Provenance, load_artifact, save_artifact
 from dinoforge.core.backbone import build_backbone
+from dinoforge.core.onnx_contract import CLS_OUTPUT, MEAN_OUTPUT
+from dinoforge.core.pooling import pool
 from dinoforge.core.preprocess import PreprocessConfig
 from dinoforge.export.graph import ExportableViT
 from dinoforge.export.onnx_export import export_module
-from dinoforge.export.parity import knn_predict, pooled, run_session
+from dinoforge.export.parity import knn_predict, run_session
 from dinoforge.export.parity_data import default_image_dir, load_fmnist_knn, load_images, pixels_to_input, to_pixels
 from dinoforge.export.parity_eval import session_for
 from dinoforge.export.quantize import quantize_int8
@@ -100,7 +102,8 @@ def _knn_int8(art: Artifact, sessions: dict, hw: tuple[int, int], n: int) -> dic
     x = pixels_to_input(to_pixels(train + test, pre, hw), pre).numpy()
     acc = {}
     for name in ("ort_fp32", "ort_int8"):
-        emb = pooled(run_session(sessions[name], x, 32), art.card.default_pooling)
+        out = run_session(sessions[name], x, 32)
+        emb = pool(out[CLS_OUTPUT], out[MEAN_OUTPUT], art.card.default_pooling)
         pred = knn_predict(emb[:len(train)], train_y, emb[len(train):])
         acc[name] = float((pred == test_y).double().mean())
     return {"n": n, "fp32_accuracy": acc["ort_fp32"], "int8_accuracy": acc["ort_int8"],

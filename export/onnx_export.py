@@ -14,9 +14,10 @@ import onnx
 import torch
 
 from dinoforge.core import __version__
-from dinoforge.export.contract import (BATCH_DIM, EMBEDDING_OUTPUTS, EXPORT_FORMAT_VERSION, INPUT_NAME,
-                                       META_CARD, META_EXPORT, META_LAYOUT, META_PRECISION, META_RESOLUTION,
-                                       PATCH_OUTPUT, RAW_INPUT_NAME, ExportError)
+from dinoforge.core.onnx_contract import (BATCH_DIM, EMBEDDING_OUTPUTS, EXPORT_FORMAT_VERSION, INPUT_NAME, META_CARD,
+                                          META_EXPORT, META_LAYOUT, META_PRECISION, META_RESOLUTION, PATCH_OUTPUT,
+                                          RAW_INPUT_NAME)
+from dinoforge.export.errors import ExportError
 from dinoforge.export.graph import ExportableViT
 
 log = logging.getLogger(__name__)

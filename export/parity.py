@@ -18,7 +18,7 @@ from pydantic import Field
 
 from dinoforge.core.backbone import DinoVisionTransformer
 from dinoforge.core.config import StrictModel
-from dinoforge.export.contract import CLS_OUTPUT, EMBEDDING_OUTPUTS, MEAN_OUTPUT
+from dinoforge.core.onnx_contract import CLS_OUTPUT, EMBEDDING_OUTPUTS, MEAN_OUTPUT
 
 KNN_K = 10
 KNN_TEMPERATURE = 0.07
@@ -72,15 +72,6 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     cos = F.cosine_similarity(ours.double(), ref.double(), dim=-1)  # [N]
     return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
             "max_abs_error": float((ours - ref).abs().max())}
-
-
-def pooled(outputs: dict[str, torch.Tensor], pooling: str) -> torch.Tensor:
-    """The card's default pooling from the two embedding outputs (``cls+mean`` concatenates)."""
-    if pooling == "cls":
-        return outputs[CLS_OUTPUT]
-    if pooling == "mean":
-        return outputs[MEAN_OUTPUT]
-    return torch.cat([outputs[CLS_OUTPUT], outputs[MEAN_OUTPUT]], dim=-1)
 
 
 def knn_predict(train: torch.Tensor, train_labels: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ Pixels are produced once per resolution as uint8 ``[N, H, W, 3]`` by the artifac
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,3 +98,13 @@ def to_pixels(images: list[torch.Tensor], pre: PreprocessConfig, hw: tuple[int, 
 def pixels_to_input(pixels: torch.Tensor, pre: PreprocessConfig) -> torch.Tensor:
     """uint8 ``[N, H, W, 3]`` -> normalised float32 ``[N, 3, H, W]`` (the contract's ``normalize``)."""
     return normalize(pixels.permute(0, 3, 1, 2), pre)
+
+
+@dataclass
+class ParityInputs:
+    """Decoded real images shared by every resolution."""
+
+    images: list[torch.Tensor]
+    calibration: list[torch.Tensor]
+    #: ``(index images, index labels, query images, query labels)`` of the k-NN check, or None.
+    knn: tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor], torch.Tensor] | None = None

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
 from dinoforge.core.artifact import Artifact
+from dinoforge.core.onnx_contract import CLS_OUTPUT, EMBEDDING_OUTPUTS, MEAN_OUTPUT
+from dinoforge.core.pooling import pool
 from dinoforge.core.preprocess import PreprocessConfig
-from dinoforge.export.contract import EMBEDDING_OUTPUTS
-from dinoforge.export.parity import compare, knn_report, pooled, reference_outputs, run_session, time_session
-from dinoforge.export.parity_data import pixels_to_input, to_pixels
-
-if TYPE_CHECKING:
-    from dinoforge.export.pipeline import ParityInputs
+from dinoforge.export.parity import compare, knn_report, reference_outputs, run_session, time_session
+from dinoforge.export.parity_data import ParityInputs, pixels_to_input, to_pixels
 
 BATCH = 16
 BATCH1_IMAGES = 4
@@ -51,7 +49,8 @@ def _parity_runs(session: Any, inputs: np.ndarray, ref: dict[str, torch.Tensor])
 
 def _embed(art: Artifact, session: Any, feed: np.ndarray) -> torch.Tensor:
     """Pooled embeddings ``[N, D']`` of a graph (the card's default pooling)."""
-    return pooled(run_session(session, feed, BATCH), art.card.default_pooling)
+    out = run_session(session, feed, BATCH)
+    return pool(out[CLS_OUTPUT], out[MEAN_OUTPUT], art.card.default_pooling)
 
 
 def _knn_inputs(art: Artifact, data: ParityInputs, hw: tuple[int, int], embed: bool
@@ -69,7 +68,8 @@ def _knn(art: Artifact, session: Any, feed: np.ndarray, x_ref: torch.Tensor, n_i
          data: ParityInputs) -> dict[str, Any]:
     assert data.knn is not None
     ours = _embed(art, session, feed)
-    ref = pooled(reference_outputs(art.backbone, x_ref, BATCH), art.card.default_pooling)
+    ref_out = reference_outputs(art.backbone, x_ref, BATCH)
+    ref = pool(ref_out[CLS_OUTPUT], ref_out[MEAN_OUTPUT], art.card.default_pooling)
     return knn_report((ours[:n_index], ours[n_index:]), (ref[:n_index], ref[n_index:]), data.knn[1], data.knn[3])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,14 @@ from pydantic import Field
 from dinoforge.core.artifact import Artifact, load_artifact
 from dinoforge.core.config import StrictModel
 from dinoforge.core.fileio import atomic_directory, atomic_write_json, sha256_file
-from dinoforge.export.contract import (CARD_COPY, EMBEDDING_OUTPUTS, EXPORT_FORMAT_VERSION, MANIFEST_FILE,
-                                       PARITY_FILE, PATCH_OUTPUT, ExportError, ParityFailure, graph_filename,
-                                       parse_resolutions, resolution_tag)
+from dinoforge.core.onnx_contract import (CARD_COPY, EMBEDDING_OUTPUTS, EXPORT_FORMAT_VERSION, MANIFEST_FILE,
+                                          PARITY_FILE, PATCH_OUTPUT, graph_filename, parse_resolutions, resolution_tag)
+from dinoforge.export.errors import ExportError, ParityFailure
 from dinoforge.export.graph import ExportableViT
 from dinoforge.export.onnx_export import export_metadata, export_module, io_names, save_model, set_metadata
 from dinoforge.export.parity import ParityThresholds, gate
-from dinoforge.export.parity_data import FMNIST_DEFAULT, default_image_dir, load_fmnist_knn, load_images
+from dinoforge.export.parity_data import (FMNIST_DEFAULT, ParityInputs, default_image_dir, load_fmnist_knn,
+                                          load_images)
 from dinoforge.export.parity_eval import evaluate_graph
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,6 @@ class OnnxExportOptions(StrictModel):
     thresholds: ParityThresholds = Field(default_factory=ParityThresholds)
     overwrite: bool = False
     report: Path | None = Field(None, description="also write parity.json here (kept when parity fails)")
-
-
-@dataclass
-class ParityInputs:
-    """Decoded real images shared by every resolution."""
-
-    images: list[torch.Tensor]
-    calibration: list[torch.Tensor]
-    #: ``(index images, index labels, query images, query labels)`` of the k-NN check, or None.
-    knn: tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor], torch.Tensor] | None = None
 
 
 def _load_inputs(opts: OnnxExportOptions) -> ParityInputs:

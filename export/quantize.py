@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from dinoforge.export.contract import ExportError
+from dinoforge.export.errors import ExportError
 
 log = logging.getLogger(__name__)
 CalibMethod = Literal["minmax", "percentile", "entropy"]

@@ -17,8 +17,9 @@ def format_report(report: dict[str, Any]) -> str:
                              f"{m['mean_cosine']:.6f}  max abs {m['max_abs_error']:.3g}")
         if "knn" in section:
             k = section["knn"]
-            lines.append(f"    k-NN ({k['n_index']} index / {k['n_queries']} queries, k={k['k']}): agreement {k['top1_agreement']:.4f}  acc "
-                         f"{k['accuracy']:.4f} vs torch {k['reference_accuracy']:.4f}  drop {k['drop_pt']:+.2f} pt")
+            lines.append(f"    k-NN ({k['n_index']} index / {k['n_queries']} queries, k={k['k']}): "
+                         f"agreement {k['top1_agreement']:.4f}  acc {k['accuracy']:.4f} vs torch "
+                         f"{k['reference_accuracy']:.4f}  drop {k['drop_pt']:+.2f} pt")
         speed = section["speed"]
         lines.append(f"    size {section['bytes'] / 1e6:.2f} MB  CPU {speed['ms_per_image']:.2f} ms/img "
                      f"(batch {speed['batch']})")

@@ -27,13 +27,16 @@ import onnx
 from pydantic import Field, model_validator
 
 from dinoforge.core.config import StrictModel
-from dinoforge.core.errors import MissingDependencyError
+from dinoforge.core.errors import ArtifactError, MissingDependencyError
 from dinoforge.core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from dinoforge.export.contract import ExportError, read_export_metadata
+from dinoforge.core.onnx_contract import ENGINE_SOURCE_KEY, read_export_metadata
+from dinoforge.core.tensorrt import import_tensorrt
+from dinoforge.export import tensorrt_runtime as rt
+from dinoforge.export.errors import ExportError
+from dinoforge.export.tensorrt_runtime import Profile
 
 log = logging.getLogger(__name__)
 TIMING_CACHE = "timing.cache"
-Shape = tuple[int, ...]
 
 
 class TensorRTBuildConfig(StrictModel):
@@ -52,20 +55,6 @@ class TensorRTBuildConfig(StrictModel):
             raise ValueError(f"need min_batch <= opt_batch <= max_batch, got {self.min_batch}/{self.opt_batch}/"
                              f"{self.max_batch}")
         return self
-
-
-@dataclass(frozen=True)
-class Profile:
-    """min/opt/max shapes of one input."""
-
-    name: str
-    min: Shape
-    opt: Shape
-    max: Shape
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        return {"name": self.name, "min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
 
 
 def input_profiles(model: onnx.ModelProto, cfg: TensorRTBuildConfig) -> list[Profile]:
@@ -112,7 +101,7 @@ def graph_precision(model: onnx.ModelProto) -> str:
     """Precision recorded by ``dinoforge export onnx`` (or inferred: Q/DQ -> int8, fp16 weights -> fp16)."""
     try:
         return str(read_export_metadata(model)["export"]["precision"])
-    except ExportError:
+    except ArtifactError:  # not a dinoforge export: infer from the graph
         ops = {n.op_type for n in model.graph.node}
         if "QuantizeLinear" in ops:
             return "int8"
@@ -131,17 +120,6 @@ def cache_key(*, onnx_sha256: str, trt_version: str, compute_capability: str, pr
 def engine_path(out_dir: Path, onnx_path: Path, key: str) -> Path:
     """``OUT/<onnx stem>-<first 16 hex of key>.plan``."""
     return out_dir / f"{onnx_path.stem}-{key[:16]}.plan"
-
-
-def import_tensorrt() -> Any:
-    """Import ``tensorrt`` or fail with a clear message."""
-    try:
-        import tensorrt as trt
-    except ImportError as err:
-        raise MissingDependencyError(
-            "TensorRT is not installed: `pip install tensorrt` (>= 10) on a machine with an NVIDIA GPU and CUDA; "
-            "the ONNX export and `dinoforge export check-trt` work without it") from err
-    return trt
 
 
 def compute_capability() -> str:
@@ -169,7 +147,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, cfg: TensorRTBuildC
 
     Raises:
         MissingDependencyError: no ``tensorrt`` or no GPU.
-        ExportError: a graph that fails check-trt, unreadable graph, unprofilable shapes, parser/builder failure, parity failure.
+        ExportError: a graph that fails check-trt, unreadable graph, unprofilable shapes, parser/builder failure,
+            parity failure.
     """
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
@@ -182,8 +161,6 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, cfg: TensorRTBuildC
         raise ExportError(f"{onnx_path} fails `dinoforge export check-trt`:\n  " + "\n  ".join(errors[:20]))
     profiles = input_profiles(model, cfg)
     trt = import_tensorrt()
-    from dinoforge.export import tensorrt_runtime as rt
-
     precision = graph_precision(model)
     key = cache_key(onnx_sha256=sha256_file(onnx_path), trt_version=trt.__version__,
                     compute_capability=compute_capability(), precision=precision, profiles=profiles)
@@ -194,8 +171,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, cfg: TensorRTBuildC
         engine = rt.build_serialized(trt, onnx_path, profiles, cfg.workspace_mb, out_dir / TIMING_CACHE)
         atomic_write_bytes(path, engine)
         atomic_write_json(path.with_suffix(".json"), {
-            "key": key, "onnx": onnx_path.name, "onnx_sha256": sha256_file(onnx_path), "tensorrt": trt.__version__,
-            "compute_capability": compute_capability(), "precision": precision,
+            "key": key, ENGINE_SOURCE_KEY: onnx_path.name, "onnx_sha256": sha256_file(onnx_path),
+            "tensorrt": trt.__version__, "compute_capability": compute_capability(), "precision": precision,
             "profiles": [p.as_dict() for p in profiles], "io": graph_io(model)})
     parity = None
     if cfg.parity:

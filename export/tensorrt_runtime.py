@@ -1,24 +1,40 @@
-"""The parts of the TensorRT integration that need ``tensorrt`` and a GPU: building and running engines.
+"""The parts of the TensorRT integration that need ``tensorrt`` and a GPU: building engines, checking them.
 
-Imported only after :func:`dinoforge.export.tensorrt_build.import_tensorrt` succeeded. Device buffers are torch
-CUDA tensors (torch is a dependency already), so no pycuda / cuda-python is needed.
+Every function takes the ``tensorrt`` module (from :func:`dinoforge.core.tensorrt.import_tensorrt`) as an
+argument, so importing this module needs neither. Engines run through :mod:`dinoforge.core.tensorrt`, the
+code the serving backend runs them with.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from dinoforge.core.fileio import atomic_write_bytes
-from dinoforge.export.contract import EMBEDDING_OUTPUTS, ExportError
-
-if TYPE_CHECKING:
-    from dinoforge.export.tensorrt_build import Profile
+from dinoforge.core.onnx_contract import EMBEDDING_OUTPUTS
+from dinoforge.core.tensorrt import execute, load_engine
+from dinoforge.export.errors import ExportError
 
 log = logging.getLogger(__name__)
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """min/opt/max shapes of one input."""
+
+    name: str
+    min: Shape
+    opt: Shape
+    max: Shape
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"name": self.name, "min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
 
 
 def _network_flags(trt: Any) -> int:
@@ -60,31 +76,16 @@ def build_serialized(trt: Any, onnx_path: Path, profiles: list[Profile], workspa
 
 
 def run_engine(trt: Any, engine_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a serialized engine once on host arrays; returns every output as a host array."""
+    """Run a serialized engine once on host arrays (on the current CUDA device); every output as float32."""
     import torch
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
-    if engine is None:
-        raise ExportError(f"{engine_path} is not a TensorRT engine for this TensorRT version / GPU")
-    context = engine.create_execution_context()
-    device_buffers: dict[str, Any] = {}
-    for name, array in feeds.items():
-        device_buffers[name] = torch.from_numpy(np.ascontiguousarray(array)).cuda()
-        context.set_input_shape(name, tuple(array.shape))
-        context.set_tensor_address(name, device_buffers[name].data_ptr())
-    outputs = {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
-            continue
-        dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
-        outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-        context.set_tensor_address(name, outputs[name].data_ptr())
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise ExportError(f"TensorRT execution of {engine_path} failed")
-    stream.synchronize()
+    device = torch.device("cuda", torch.cuda.current_device())
+    engine = load_engine(trt, engine_path)
+    inputs = {name: torch.from_numpy(np.ascontiguousarray(array)).to(device) for name, array in feeds.items()}
+    try:
+        outputs = execute(trt, engine, engine.create_execution_context(), inputs, device)
+    except RuntimeError as err:
+        raise ExportError(f"TensorRT execution of {engine_path} failed: {err}") from err
     return {name: t.float().cpu().numpy() for name, t in outputs.items()}
 
 

@@ -18,9 +18,9 @@ from pydantic import Field
 
 from dinoforge.core.config import StrictModel
 from dinoforge.core.fileio import atomic_directory
-from dinoforge.export.contract import ExportError, graph_filename, parse_resolutions
+from dinoforge.core.onnx_contract import TRITON_FILES, TRITON_GRAPH_FILE, graph_filename, parse_resolutions
+from dinoforge.export.errors import ExportError
 
-DEFAULT_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 _DTYPES = {"FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "UINT8": "TYPE_UINT8", "INT8": "TYPE_INT8",
            "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "BOOL": "TYPE_BOOL", "DOUBLE": "TYPE_FP64",
@@ -79,7 +79,7 @@ def build_config(name: str, io: dict[str, list[dict[str, Any]]], opts: TritonMod
         kind = "KIND_CPU"  # the Python model runs onnxruntime on CPU
     cfg.instance_group.append(pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.Kind.Value(kind),
                                                     count=opts.instances))
-    cfg.default_model_filename = DEFAULT_FILES[opts.backend]
+    cfg.default_model_filename = TRITON_FILES[opts.backend]
     return cfg
 
 
@@ -144,7 +144,7 @@ def validate_config(text_or_path: str | Path, *, model_dir: Path | None = None) 
     if model_dir is not None:
         if cfg.name != model_dir.name:
             raise ExportError(f"{source}: name {cfg.name!r} differs from the directory name {model_dir.name!r}")
-        filename = cfg.default_model_filename or "model.onnx"
+        filename = cfg.default_model_filename or TRITON_GRAPH_FILE
         if not any((v / filename).is_file() for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()):
             raise ExportError(f"{model_dir} has no version directory holding {filename}")
     return cfg
@@ -207,10 +207,11 @@ def _write_model_dir(model_dir: Path, source: Path, cfg: Any, opts: TritonModelO
             version_dir = staging / str(opts.version)
             version_dir.mkdir()
             if opts.backend == "python":
-                shutil.copyfile(source, version_dir / "model.onnx")
-                shutil.copyfile(Path(__file__).with_name("triton_python_model.py"), version_dir / "model.py")
+                shutil.copyfile(source, version_dir / TRITON_GRAPH_FILE)
+                stub = Path(__file__).with_name("triton_python_model.py")
+                shutil.copyfile(stub, version_dir / TRITON_FILES["python"])
             else:
-                shutil.copyfile(source, version_dir / DEFAULT_FILES[opts.backend])
+                shutil.copyfile(source, version_dir / TRITON_FILES[opts.backend])
             (staging / "config.pbtxt").write_text(text)
             validate_config(staging / "config.pbtxt")
     except FileExistsError as err:

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from dinoforge.export import trt_ops
-from dinoforge.export.contract import ExportError
+from dinoforge.export.errors import ExportError
 
 Severity = Literal["error", "warning"]
 

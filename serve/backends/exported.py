@@ -1,6 +1,6 @@
 """Shared by the backends that run an *exported* graph (ONNX Runtime, TensorRT, Triton).
 
-They all follow the I/O contract of ``docs/export.md`` (:mod:`dinoforge.export.contract`): one input
+They all follow the I/O contract of ``docs/export.md`` (:mod:`dinoforge.core.onnx_contract`): one input
 (``pixel_values`` float32 NCHW, normalised; or ``pixels`` uint8 NHWC with the normalisation inside the graph),
 outputs ``cls_embedding [B, D]``, ``mean_embedding [B, D]`` and optionally ``patch_tokens [B, N, D]``, a
 fixed square resolution per graph, and the artifact's card in the metadata.
@@ -8,21 +8,17 @@ fixed square resolution per graph, and the artifact's card in the metadata.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import ValidationError
 
 from dinoforge.core.artifact import ModelCard
-from dinoforge.core.config import format_validation_error
 from dinoforge.core.errors import ArtifactError
+from dinoforge.core.onnx_contract import CLS_OUTPUT, MEAN_OUTPUT, PATCH_OUTPUT, parse_export_metadata
 from dinoforge.core.preprocess import PreprocessConfig, pil_to_uint8, preprocess_tensor
-from dinoforge.export.contract import (CLS_OUTPUT, MEAN_OUTPUT, META_CARD, META_EXPORT, PATCH_OUTPUT)
 from dinoforge.serve.backends.base import Backend, Features, ModelInfo
 
 
@@ -64,16 +60,7 @@ class GraphContract:
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], where: str) -> GraphContract:
         """Parse the ``dinoforge.*`` metadata keys of a graph (ONNX ``metadata_props``)."""
-        if META_EXPORT not in meta or META_CARD not in meta:
-            raise ArtifactError(f"{where} has no dinoforge export metadata ({META_EXPORT}, {META_CARD}); "
-                                "export it with `dinoforge export onnx`")
-        try:
-            export: dict[str, Any] = json.loads(meta[META_EXPORT])
-            card = ModelCard.model_validate(json.loads(meta[META_CARD]))
-        except json.JSONDecodeError as err:
-            raise ArtifactError(f"{where}: dinoforge metadata is not valid JSON: {err}") from err
-        except ValidationError as err:
-            raise ArtifactError(format_validation_error(err, f"{where} {META_CARD}")) from None
+        export, card = parse_export_metadata(meta, where)
         h, w = export["resolution"]
         if h != w:
             raise ArtifactError(f"{where} has a non-square input {h}x{w}; serving needs a square export "

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dinoforge.core.errors import ArtifactError, MissingDependencyError
+from dinoforge.core.onnx_contract import CARD_COPY, GRAPH_GLOB, graph_filename
 from dinoforge.serve.backends.base import Features
 from dinoforge.serve.backends.exported import ExportedBackend, GraphContract
 
@@ -23,17 +24,17 @@ def pick_graph(path: str | Path, resolution: int | None = None) -> Path:
         return path
     if not path.is_dir():
         raise ArtifactError(f"{path} does not exist (expected an .onnx file or a `dinoforge export onnx` folder)")
-    graphs = sorted(path.glob("model_*.onnx")) or sorted(path.glob("*.onnx"))
+    graphs = sorted(path.glob(GRAPH_GLOB)) or sorted(path.glob("*.onnx"))
     if not graphs:
         raise ArtifactError(f"{path} holds no .onnx graph")
     wanted = resolution
-    if wanted is None and (path / "model.json").is_file():
+    if wanted is None and (path / CARD_COPY).is_file():
         try:
-            wanted = json.loads((path / "model.json").read_text())["preprocessing"]["size"]
+            wanted = json.loads((path / CARD_COPY).read_text())["preprocessing"]["size"]
         except (json.JSONDecodeError, KeyError, TypeError):
             wanted = None
     for graph in graphs:
-        if wanted is not None and graph.stem in (f"model_{wanted}", f"model_{wanted}x{wanted}"):
+        if wanted is not None and graph.name == graph_filename((wanted, wanted)):
             return graph
     if resolution is not None:
         raise ArtifactError(f"{path} has no graph at resolution {resolution} "

@@ -6,33 +6,22 @@ the engine was built from: the ``.onnx`` passed as ``--model`` (then the engine 
 given with ``engine=``), or the one named by the engine's ``.json`` description.
 
 TensorRT cannot be installed on the development machine (no GPU): this module raises a clear
-:class:`MissingDependencyError` there and its tests are skipped with that reason.
+:class:`~dinoforge.core.errors.MissingDependencyError` there and its tests are skipped with that reason. The
+engine runs through :mod:`dinoforge.core.tensorrt`, the code the export's parity check runs it with.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from dinoforge.core.errors import ArtifactError, ConfigError, MissingDependencyError
+from dinoforge.core.errors import ArtifactError, ConfigError
+from dinoforge.core.onnx_contract import ENGINE_SOURCE_KEY, graph_metadata
+from dinoforge.core.tensorrt import engine_io, execute, import_tensorrt, load_engine
 from dinoforge.serve.backends.base import Features
 from dinoforge.serve.backends.exported import ExportedBackend, GraphContract
-
-_SIDE_KEYS = ("onnx", "onnx_path", "source_onnx", "source")
-
-
-def import_tensorrt() -> Any:
-    """``import tensorrt`` or a one-line error saying how to get it."""
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise MissingDependencyError("the tensorrt backend needs NVIDIA TensorRT (`pip install tensorrt`, "
-                                     "a CUDA GPU and driver); it is not installed here") from err
-    return tensorrt
-
 
 def source_onnx(engine: Path) -> Path:
     """The ONNX graph an engine was built from, read from the engine's ``.json`` description."""
@@ -42,26 +31,17 @@ def source_onnx(engine: Path) -> Path:
             desc = json.loads(side.read_text())
         except json.JSONDecodeError as err:
             raise ArtifactError(f"{side} is not valid JSON: {err}") from err
-        for key in _SIDE_KEYS:
-            value = desc.get(key) if isinstance(desc, dict) else None
-            if isinstance(value, str) and value.endswith(".onnx"):
-                path = Path(value)
-                path = path if path.is_absolute() else (engine.parent / path)
-                if path.is_file():
-                    return path
+        value = desc.get(ENGINE_SOURCE_KEY) if isinstance(desc, dict) else None
+        if isinstance(value, str) and value.endswith(".onnx"):
+            path = Path(value)
+            path = path if path.is_absolute() else (engine.parent / path)
+            if path.is_file():
+                return path
     candidates = sorted(engine.parent.glob("*.onnx"))
     if len(candidates) == 1:
         return candidates[0]
     raise ArtifactError(f"cannot find the ONNX graph engine {engine.name} was built from (it holds the model "
                         f"card); serve the .onnx with --backend tensorrt instead")
-
-
-def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.UINT8: torch.uint8,
-             trt.DataType.INT32: torch.int32, trt.DataType.INT8: torch.int8}
-    if dtype not in table:
-        raise ArtifactError(f"TensorRT tensor type {dtype} is not supported by the serving backend")
-    return table[dtype]
 
 
 class TensorRTBackend(ExportedBackend):
@@ -85,17 +65,10 @@ class TensorRTBackend(ExportedBackend):
         super().__init__(contract, name)
         self.device = torch.device(device)
         self.engine_path = Path(engine_path)
-        logger = self.trt.Logger(self.trt.Logger.WARNING)
         with torch.cuda.device(self.device):
-            self.engine = self.trt.Runtime(logger).deserialize_cuda_engine(self.engine_path.read_bytes())
-            if self.engine is None:
-                raise ArtifactError(f"TensorRT could not load {self.engine_path} (built with another TensorRT "
-                                    "version or GPU? rebuild it with `dinoforge export tensorrt`)")
+            self.engine = load_engine(self.trt, self.engine_path)
             self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        mode = self.trt.TensorIOMode.INPUT
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        self.inputs, self.outputs = engine_io(self.trt, self.engine)
         if self.inputs != [contract.input_name]:
             raise ArtifactError(f"engine inputs {self.inputs} do not match the ONNX contract ({contract.input_name})")
         self.max_batch = int(self.engine.get_tensor_profile_shape(contract.input_name, 0)[2][0])
@@ -116,26 +89,11 @@ class TensorRTBackend(ExportedBackend):
             engine = engines[-1]
         else:
             engine, onnx_path = path, source_onnx(path)
-        import onnx
-
-        props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-        return cls(engine, GraphContract.from_metadata(props, str(onnx_path)), device=device, name=name)
+        return cls(engine, GraphContract.from_metadata(graph_metadata(onnx_path), str(onnx_path)), device=device,
+                   name=name)
 
     def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        ctx, inp = self.context, self.contract.input_name
-        ctx.set_input_shape(inp, tuple(x.shape))
-        ctx.set_tensor_address(inp, x.data_ptr())
-        outs = {}
-        for name in self.outputs:
-            shape = tuple(ctx.get_tensor_shape(name))
-            outs[name] = torch.empty(shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(name)),
-                                     device=self.device)
-            ctx.set_tensor_address(name, outs[name].data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        stream.synchronize()
-        return outs
+        return execute(self.trt, self.engine, self.context, {self.contract.input_name: x}, self.device)
 
     def core(self, pixels: torch.Tensor) -> Features:
         """``[B, 3, H, W]`` -> features; batches above the engine profile's maximum run in parts."""

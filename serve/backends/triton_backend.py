@@ -18,7 +18,8 @@ import torch
 
 from dinoforge.core.artifact import is_artifact, read_card
 from dinoforge.core.errors import ArtifactError, ConfigError, MissingDependencyError
-from dinoforge.export.contract import CLS_OUTPUT, INPUT_NAME, MEAN_OUTPUT, PATCH_OUTPUT, RAW_INPUT_NAME
+from dinoforge.core.onnx_contract import (CLS_OUTPUT, INPUT_NAME, MEAN_OUTPUT, PATCH_OUTPUT, RAW_INPUT_NAME,
+                                          TRITON_GRAPH_FILE, graph_metadata)
 from dinoforge.serve.backends.base import Features
 from dinoforge.serve.backends.exported import ExportedBackend, GraphContract
 from dinoforge.serve.errors import BackendError
@@ -40,8 +41,8 @@ def _client_module(protocol: str) -> Any:
 def _graph_in_model_dir(path: Path) -> Path | None:
     versions = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     for version in reversed(versions):
-        if (version / "model.onnx").is_file():
-            return version / "model.onnx"
+        if (version / TRITON_GRAPH_FILE).is_file():
+            return version / TRITON_GRAPH_FILE
     return None
 
 
@@ -53,10 +54,7 @@ def contract_from_source(source: Path, metadata: dict[str, Any]) -> GraphContrac
         return _contract_from_card(source, metadata)
     graph = _graph_in_model_dir(source) if source.is_dir() else None
     graph = graph or pick_graph(source)
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
-    return GraphContract.from_metadata(props, str(graph))
+    return GraphContract.from_metadata(graph_metadata(graph), str(graph))
 
 
 def _contract_from_card(artifact: Path, metadata: dict[str, Any]) -> GraphContract:

@@ -13,8 +13,8 @@ import torch
 
 from dinoforge.core.artifact import load_artifact
 from dinoforge.core.cli import main
+from dinoforge.core.onnx_contract import read_export_metadata
 from dinoforge.core.preprocess import normalize
-from dinoforge.export.contract import read_export_metadata
 from dinoforge.export.parity_data import load_images, to_pixels
 
 FAST_FLAGS = ["--parity-limit", "20", "--knn-limit", "100"]

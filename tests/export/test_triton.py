@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from dinoforge.core.cli import main
-from dinoforge.export.contract import ExportError
+from dinoforge.export.errors import ExportError
 from dinoforge.export.triton_repo import TritonModelOptions, validate_config, write_triton_model
 from dinoforge.export.triton_server import DEFAULT_VENV
 

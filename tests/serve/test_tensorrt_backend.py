@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dinoforge.core.errors import ArtifactError, MissingDependencyError
-from dinoforge.serve.backends.tensorrt_backend import import_tensorrt, source_onnx
+from dinoforge.core.tensorrt import import_tensorrt
+from dinoforge.serve.backends.tensorrt_backend import source_onnx
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -22,7 +23,7 @@ needs_trt = pytest.mark.skipif(not (HAS_TRT and HAS_CUDA),
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here")
 def test_missing_tensorrt_is_a_clear_error() -> None:
-    with pytest.raises(MissingDependencyError, match="needs NVIDIA TensorRT"):
+    with pytest.raises(MissingDependencyError, match="TensorRT is not installed: `pip install tensorrt`"):
         import_tensorrt()
 
 
