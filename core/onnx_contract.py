@@ -47,8 +47,8 @@ META_LAYOUT = "dinoforge.input_layout"
 MANIFEST_FILE = "export.json"
 PARITY_FILE = "parity.json"
 CARD_COPY = "model.json"
-#: A TensorRT engine ``X.plan`` is described by ``X.json``; this key names the ONNX graph it was built from
-#: (relative to the engine's folder), whose metadata holds the model card.
+#: A TensorRT engine ``X.plan`` is described by ``X.json`` (:func:`engine_description`); this key names the
+#: ONNX graph it was built from (relative to the engine's folder), whose metadata holds the model card.
 ENGINE_SOURCE_KEY = "onnx"
 #: The file of a Triton model version ``REPO/NAME/<version>/`` per Triton backend (the Python backend runs
 #: the ``model.onnx`` beside its ``model.py``).
@@ -69,6 +69,21 @@ def graph_filename(hw: tuple[int, int]) -> str:
 
 
 GRAPH_GLOB = "model_*.onnx"
+
+
+def engine_filename(onnx_path: Path, key: str) -> str:
+    """``<graph stem>-<first 16 hex of the build key>.plan``: the engine of a graph, named by what built it."""
+    return f"{onnx_path.stem}-{key[:16]}.plan"
+
+
+def engine_glob(onnx_path: Path) -> str:
+    """Glob of the engines built from one graph (matches :func:`engine_filename`)."""
+    return f"{onnx_path.stem}-*.plan"
+
+
+def engine_description(engine: Path) -> Path:
+    """The JSON file describing an engine (build key, source graph, profiles, I/O), beside it."""
+    return engine.with_suffix(".json")
 
 
 def parse_resolutions(text: str, patch_size: int) -> list[tuple[int, int]]:

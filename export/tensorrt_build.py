@@ -29,7 +29,8 @@ from pydantic import Field, model_validator
 from dinoforge.core.config import StrictModel
 from dinoforge.core.errors import ArtifactError, MissingDependencyError
 from dinoforge.core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from dinoforge.core.onnx_contract import ENGINE_SOURCE_KEY, read_export_metadata
+from dinoforge.core.onnx_contract import (ENGINE_SOURCE_KEY, engine_description, engine_filename,
+                                          read_export_metadata)
 from dinoforge.core.tensorrt import import_tensorrt
 from dinoforge.export import tensorrt_runtime as rt
 from dinoforge.export.errors import ExportError
@@ -119,7 +120,7 @@ def cache_key(*, onnx_sha256: str, trt_version: str, compute_capability: str, pr
 
 def engine_path(out_dir: Path, onnx_path: Path, key: str) -> Path:
     """``OUT/<onnx stem>-<first 16 hex of key>.plan``."""
-    return out_dir / f"{onnx_path.stem}-{key[:16]}.plan"
+    return out_dir / engine_filename(onnx_path, key)
 
 
 def compute_capability() -> str:
@@ -170,7 +171,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, cfg: TensorRTBuildC
         out_dir.mkdir(parents=True, exist_ok=True)
         engine = rt.build_serialized(trt, onnx_path, profiles, cfg.workspace_mb, out_dir / TIMING_CACHE)
         atomic_write_bytes(path, engine)
-        atomic_write_json(path.with_suffix(".json"), {
+        atomic_write_json(engine_description(path), {
             "key": key, ENGINE_SOURCE_KEY: onnx_path.name, "onnx_sha256": sha256_file(onnx_path),
             "tensorrt": trt.__version__, "compute_capability": compute_capability(), "precision": precision,
             "profiles": [p.as_dict() for p in profiles], "io": graph_io(model)})
@@ -182,6 +183,6 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, cfg: TensorRTBuildC
         if not parity["passed"]:
             if not reused:
                 path.unlink(missing_ok=True)
-                path.with_suffix(".json").unlink(missing_ok=True)
+                engine_description(path).unlink(missing_ok=True)
             raise ExportError(f"TensorRT engine misses parity vs ONNX Runtime: {parity}")
     return BuildResult(path, key, reused, parity)

@@ -18,7 +18,8 @@ from pydantic import Field
 
 from dinoforge.core.config import StrictModel
 from dinoforge.core.fileio import atomic_directory
-from dinoforge.core.onnx_contract import TRITON_FILES, TRITON_GRAPH_FILE, graph_filename, parse_resolutions
+from dinoforge.core.onnx_contract import (TRITON_FILES, TRITON_GRAPH_FILE, engine_description, graph_filename,
+                                          parse_resolutions)
 from dinoforge.export.errors import ExportError
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
@@ -159,7 +160,7 @@ def _onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _plan_io(path: Path) -> dict[str, list[dict[str, Any]]]:
-    sidecar = path.with_suffix(".json")
+    sidecar = engine_description(path)
     if not sidecar.is_file():
         raise ExportError(f"{path} has no {sidecar.name} (written by `dinoforge export tensorrt`) describing its I/O")
     return json.loads(sidecar.read_text())["io"]

@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 
 from dinoforge.core.errors import ArtifactError, ConfigError
-from dinoforge.core.onnx_contract import ENGINE_SOURCE_KEY, graph_metadata
+from dinoforge.core.onnx_contract import ENGINE_SOURCE_KEY, engine_description, engine_glob, graph_metadata
 from dinoforge.core.tensorrt import engine_io, execute, import_tensorrt, load_engine
 from dinoforge.serve.backends.base import Features
 from dinoforge.serve.backends.exported import ExportedBackend, GraphContract
 
+
 def source_onnx(engine: Path) -> Path:
     """The ONNX graph an engine was built from, read from the engine's ``.json`` description."""
-    side = engine.with_suffix(".json")
+    side = engine_description(engine)
     if side.is_file():
         try:
             desc = json.loads(side.read_text())
@@ -82,7 +83,7 @@ class TensorRTBackend(ExportedBackend):
         path = Path(path)
         if path.suffix == ".onnx" or path.is_dir():
             onnx_path = pick_graph(path)
-            engines = sorted(onnx_path.parent.glob(f"{onnx_path.stem}*.plan"))
+            engines = sorted(onnx_path.parent.glob(engine_glob(onnx_path)))
             if not engines:
                 raise ArtifactError(f"no TensorRT engine next to {onnx_path}; build one with "
                                     f"`dinoforge export tensorrt {onnx_path} --out {onnx_path.parent}`")
