@@ -26,7 +26,7 @@ from dinoforge.serve.engine import BatchingEngine
 from dinoforge.serve.heads import ClassificationHead, load_head
 from dinoforge.serve.index_store import IndexStore
 from dinoforge.serve.metrics import ServeMetrics
-from dinoforge.serve.middleware import AuthMiddleware, GuardMiddleware, MetricsMiddleware
+from dinoforge.serve.middleware import AllowMiddleware, AuthMiddleware, GuardMiddleware, MetricsMiddleware
 from dinoforge.serve.responses import install_error_handlers
 from dinoforge.serve.routes import classify, embeddings, health, retrieval
 from dinoforge.serve.settings import ServeSettings
@@ -148,7 +148,8 @@ def create_app(settings: ServeSettings, *, backend: Backend | None = None,
         app.include_router(router)
     install_error_handlers(app)
     types = {path: "application/json" for path in JSON_ROUTES} | {"/v1/embeddings/upload": "multipart/form-data"}
-    # added innermost first: requests meet metrics -> auth -> guard -> routes
+    # added innermost first: requests meet metrics -> auth -> guard -> allowed methods -> routes
+    app.add_middleware(AllowMiddleware, routes=[r for router in routers for r in router.routes])
     app.add_middleware(GuardMiddleware, max_bytes=settings.max_payload_bytes, content_types=types,
                        body_timeout_s=settings.body_timeout_s, body_deadline_s=settings.request_timeout_s,
                        max_inflight_bytes=settings.max_inflight_body_bytes)

@@ -44,6 +44,15 @@ class NotFound(ServeError):
     kind = "not_found_error"
 
 
+class MethodNotAllowed(ServeError):
+    """The path exists, the method does not; ``Allow`` lists every method the path takes."""
+
+    status = 405
+
+    def __init__(self, message: str, *, allow: list[str]) -> None:
+        super().__init__(message, headers={"Allow": ", ".join(allow)})
+
+
 class PayloadTooLarge(ServeError):
     """Too many bytes, too many images, or an image with too many pixels."""
 

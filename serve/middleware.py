@@ -16,8 +16,8 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Match
 
-from dinoforge.serve.errors import (Overloaded, PayloadTooLarge, RequestTimeout, ServeError, Unauthorized,
-                                   UnsupportedMediaType, error_body)
+from dinoforge.serve.errors import (MethodNotAllowed, Overloaded, PayloadTooLarge, RequestTimeout, ServeError,
+                                   Unauthorized, UnsupportedMediaType, error_body)
 from dinoforge.serve.metrics import ServeMetrics
 
 Scope = MutableMapping[str, Any]
@@ -79,6 +79,30 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.observe_request(self._route(scope), scope["method"], status, time.perf_counter() - start)
+
+
+class AllowMiddleware:
+    """405 whose ``Allow`` names every method of the path (Starlette's names only the first matching route's,
+    so ``OPTIONS /v1/index`` said ``POST`` although ``GET /v1/index`` exists)."""
+
+    def __init__(self, app: ASGIApp, *, routes: Iterable[BaseRoute]) -> None:
+        self.app, self.routes = app, list(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            allowed: set[str] = set()
+            for route in self.routes:
+                match = route.matches(scope)[0]
+                if match == Match.FULL:
+                    break
+                if match == Match.PARTIAL:
+                    allowed |= set(getattr(route, "methods", None) or ())
+            else:
+                if allowed:
+                    await send_error(send, MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}",
+                                                            allow=sorted(allowed)))
+                    return
+        await self.app(scope, receive, send)
 
 
 class AuthMiddleware:

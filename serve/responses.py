@@ -23,7 +23,8 @@ log = logging.getLogger("dinoforge.serve")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text} for code, text in {
         400: "malformed request (e.g. body is not JSON)", 401: "missing or invalid API key",
-        404: "unknown model, id, or feature not configured", 413: "payload, image count or pixel limit exceeded",
+        404: "unknown model, id, or feature not configured", 408: "request body sent too slowly",
+        413: "payload, image count, pixel or response size limit exceeded",
         415: "wrong Content-Type", 422: "invalid input (bad base64, not an image, bad option)",
         429: "queue full; retry after Retry-After seconds", 503: "model loading or warming up",
         504: "request deadline exceeded"}.items()
@@ -44,7 +45,12 @@ def timing(result: EngineResult, start: float) -> dict[str, float]:
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "body"
+    """``("body", "input", 1)`` -> ``input[1]`` (the way the image errors of the engine name an input)."""
+    parts = list(loc[1:] if loc[:1] == ("body",) and len(loc) > 1 else loc)
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
 
 
 def validation_message(err: ValidationError | RequestValidationError) -> str:
@@ -58,6 +64,8 @@ def validation_message(err: ValidationError | RequestValidationError) -> str:
             lines.append("request body is empty: send a JSON object")
         elif problem["type"] == "missing":
             lines.append(f"missing field {key!r}")
+        elif problem["type"] in ("string_too_short", "too_short") and problem.get("ctx", {}).get("min_length") == 1:
+            lines.append(f"{key}: empty")
         else:
             lines.append(f"{key}: {problem['msg']}")
     return "; ".join(lines)

@@ -6,25 +6,31 @@ Responses are documented here (OpenAPI under ``/docs``) but serialised directly 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from dinoforge.core.pooling import Pooling
+from dinoforge.serve.pooling import Pooling
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON body must carry the types the schema gives ("yes" is no boolean, "5" no integer)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-ImageInput = str
-Inputs = ImageInput | list[ImageInput]
+# The schema says what the server accepts: no empty image, no empty list (a client generating requests from the
+# OpenAPI document must not be able to build a "valid" request that gets a 422). One image or a list is
+# validated as a list (errors name ``input[i]``, not a union branch) and documented as either.
+ImageInput = Annotated[str, Field(min_length=1)]
+_IMAGE_SCHEMA = {"type": "string", "minLength": 1}
+Inputs = Annotated[list[ImageInput], Field(min_length=1),
+                   BeforeValidator(lambda value: [value] if isinstance(value, str) else value),
+                   WithJsonSchema({"anyOf": [_IMAGE_SCHEMA, {"type": "array", "items": _IMAGE_SCHEMA, "minItems": 1}]})]
 
 
-class EmbeddingsRequest(_Request):
-    """``POST /v1/embeddings``: images as base64 strings or ``data:image/...;base64,`` URIs."""
+class EmbeddingOptions(_Request):
+    """Options of both embedding routes (JSON body fields, or form fields of the upload route)."""
 
-    input: Inputs = Field(..., description="one image or a list of images (base64 or data URI; no URLs)")
     model: str | None = Field(None, description="must name the served model when given")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, gt=0, description="keep the first N dimensions (before normalising)")
@@ -35,6 +41,12 @@ class EmbeddingsRequest(_Request):
         "float32", description="float16: patch tokens as base64 of little-endian float16 (whatever "
                                "encoding_format says), a quarter of float32 base64 size and ~1/9 of a JSON list")
     user: str | None = Field(None, description="accepted for OpenAI compatibility; ignored")
+
+
+class EmbeddingsRequest(EmbeddingOptions):
+    """``POST /v1/embeddings``: images as base64 strings or ``data:image/...;base64,`` URIs."""
+
+    input: Inputs = Field(..., description="one image or a list of images (base64 or data URI; no URLs)")
 
 
 class Timing(BaseModel):
@@ -106,7 +118,7 @@ class IndexItem(_Request):
 class IndexAddRequest(_Request):
     """``POST /v1/index``: add (or replace, for an existing id) images in the retrieval index."""
 
-    items: list[IndexItem]
+    items: list[IndexItem] = Field(..., min_length=1)
     model: str | None = None
 
 

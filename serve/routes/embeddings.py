@@ -11,15 +11,14 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from dinoforge.core.pooling import pooled_dim
 from dinoforge.serve.backends.base import Backend
 from dinoforge.serve.engine import EngineResult
 from dinoforge.serve.errors import InvalidInput, PayloadTooLarge
 from dinoforge.serve.images import check_count, decode_input
-from dinoforge.serve.pooling import PoolingOptions
+from dinoforge.serve.pooling import PoolingOptions, pooled_dim
 from dinoforge.serve.wire import encode_vector, encoded_bytes
 from dinoforge.serve.responses import ERROR_RESPONSES, json_response, timing, validation_message
-from dinoforge.serve.schemas import EmbeddingsRequest, EmbeddingsResponse, as_list
+from dinoforge.serve.schemas import EmbeddingOptions, EmbeddingsRequest, EmbeddingsResponse, as_list
 from dinoforge.serve.state import ServerState, get_state
 
 router = APIRouter(tags=["embeddings"])
@@ -40,7 +39,7 @@ def pooling_options(backend: Backend, pooling: str | None, normalize: bool, dime
 
 
 def _patch_item(row_patch: np.ndarray, size: tuple[int, int], patch_size: int,
-                req: EmbeddingsRequest) -> dict[str, Any]:
+                req: EmbeddingOptions) -> dict[str, Any]:
     """``row_patch``: ``[N, D]`` float32 tokens of one image."""
     grid = [size[0] // patch_size, size[1] // patch_size]
     if req.encoding_format == "float" and req.patch_tokens_dtype == "float32":
@@ -49,7 +48,7 @@ def _patch_item(row_patch: np.ndarray, size: tuple[int, int], patch_size: int,
             "patch_grid": grid, "patch_shape": list(row_patch.shape), "patch_tokens_dtype": req.patch_tokens_dtype}
 
 
-def check_response_size(result: EngineResult, dim: int, req: EmbeddingsRequest, limit: int) -> None:
+def check_response_size(result: EngineResult, dim: int, req: EmbeddingOptions, limit: int) -> None:
     """413 before serialising a response that would be larger than ``limit`` bytes (estimated from shapes)."""
     size = _BODY_OVERHEAD + len(result.rows) * (_ITEM_OVERHEAD + encoded_bytes(dim, req.encoding_format))
     if req.return_patch_tokens:
@@ -63,7 +62,7 @@ def check_response_size(result: EngineResult, dim: int, req: EmbeddingsRequest, 
                               "patch_tokens_dtype=float16, or drop return_patch_tokens")
 
 
-async def embed_images(state: ServerState, request: Request, images: list[bytes], req: EmbeddingsRequest,
+async def embed_images(state: ServerState, request: Request, images: list[bytes], req: EmbeddingOptions,
                        start: float) -> Response:
     """Shared body of both embedding routes."""
     backend, _ = state.require_ready()
@@ -101,7 +100,21 @@ async def embeddings(req: EmbeddingsRequest, request: Request,
     return await embed_images(state, request, images, req, start)
 
 
-async def _read_upload(request: Request, limit: int) -> tuple[list[bytes], dict[str, str]]:
+def _upload_schema() -> dict[str, Any]:
+    """The upload form: ``file`` parts and the options typed as the JSON route types them (not "any string")."""
+    options = EmbeddingOptions.model_json_schema()["properties"]
+
+    def field(name: str) -> dict[str, Any]:  # a form field is absent rather than null
+        spec = options[name]
+        return next(v for v in spec["anyOf"] if v.get("type") != "null") if "anyOf" in spec else spec
+
+    return {"type": "object", "required": ["file"], "additionalProperties": False, "properties": {
+        "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
+        **{k: field(k) for k in UPLOAD_OPTIONS}}}
+
+
+async def _read_upload(request: Request, limit: int) -> tuple[list[bytes], EmbeddingOptions]:
+    """The uploaded files and the options; options are checked first (a bad option is a 422 naming it)."""
     # Files are only bounded by the body-size guard; the image count gets its own 413 below.
     form = await request.form(max_files=10_000, max_fields=len(UPLOAD_OPTIONS) + 1)
     files, fields = [], {}
@@ -112,25 +125,23 @@ async def _read_upload(request: Request, limit: int) -> tuple[list[bytes], dict[
             fields[key] = value
         else:
             raise InvalidInput(f"unknown form field {key!r}; options are {', '.join(UPLOAD_OPTIONS)}")
+    try:  # form fields are text: lax parsing turns "true" / "5" into a bool / an int
+        options = EmbeddingOptions.model_validate(fields, strict=False)
+    except ValidationError as err:
+        raise InvalidInput(validation_message(err)) from None
     check_count(len(files), limit)
     for i, data in enumerate(files):
         if not data:
             raise InvalidInput(f"input[{i}]: empty file")
-    return files, fields
+    return files, options
 
 
 @router.post("/v1/embeddings/upload", response_model=EmbeddingsResponse, responses=ERROR_RESPONSES,
              summary="Embed uploaded image files (multipart/form-data; options as form fields)",
-             openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
-                 "type": "object", "properties": {
-                     "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                     **{k: {"type": "string"} for k in UPLOAD_OPTIONS}}}}}, "required": True}})
+             openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": _upload_schema()}},
+                                                "required": True}})
 async def embeddings_upload(request: Request, state: ServerState = Depends(get_state)) -> Response:
     start = time.perf_counter()
     state.require_ready()
-    files, fields = await _read_upload(request, state.settings.max_images_per_request)
-    try:
-        req = EmbeddingsRequest.model_validate({"input": [], **fields})
-    except ValidationError as err:
-        raise InvalidInput(validation_message(err)) from None
-    return await embed_images(state, request, files, req, start)
+    files, options = await _read_upload(request, state.settings.max_images_per_request)
+    return await embed_images(state, request, files, options, start)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from dinoforge.serve.responses import ERROR_RESPONSES, json_response
 from dinoforge.serve.state import ServerState, get_state
@@ -31,7 +31,9 @@ async def ready(state: ServerState = Depends(get_state)) -> Response:
     return json_response(body)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format 0.0.4"}})
 async def metrics(state: ServerState = Depends(get_state)) -> Response:
     body, content_type = state.metrics.render()
     return Response(content=body, media_type=content_type)
