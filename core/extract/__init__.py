@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dinoforge.core.extract.config import FEATURES, ExtractConfig
-    from dinoforge.core.extract.engine import ExtractResult, FeatureComputer, run_extraction
+    from dinoforge.core.extract.engine import ExternalModel, ExtractResult, FeatureComputer, run_extraction
     from dinoforge.core.extract.external import write_feature_store
     from dinoforge.core.extract.plan import Unit, plan_units
     from dinoforge.core.extract.store import FeatureStore, finalize
 
 _WHERE = {
-    "FEATURES": "config", "ExtractConfig": "config", "ExtractResult": "engine", "FeatureComputer": "engine",
+    "FEATURES": "config", "ExtractConfig": "config", "ExtractResult": "engine", "ExternalModel": "engine",
+    "FeatureComputer": "engine",
     "run_extraction": "engine", "write_feature_store": "external", "Unit": "plan", "plan_units": "plan",
     "FeatureStore": "store", "finalize": "store",
 }

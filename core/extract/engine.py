@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,12 @@ from dinoforge.core.extract.store import finalize
 from dinoforge.core.extract.writer import UnitWriter
 from dinoforge.core.fileio import atomic_directory
 from dinoforge.core.pooling import pool
+from dinoforge.core.preprocess import PreprocessConfig
 from dinoforge.core.runtime import Runtime, barrier, init_runtime, shutdown_runtime
 
 log = logging.getLogger("dinoforge.extract")
+#: pixels ``[B, 3, H, W]`` -> ``{feature: [B, ...]}`` float32 numpy
+Compute = Callable[[torch.Tensor], dict[str, np.ndarray]]
 
 
 @dataclass
@@ -83,6 +87,24 @@ class FeatureComputer:
                 for name in self.features}
 
 
+@dataclass(frozen=True)
+class ExternalModel:
+    """A model opened by the caller (e.g. a serving backend running an ONNX graph) instead of ``config.model``.
+
+    Attributes:
+        preprocess: the contract the loader workers prepare images with.
+        sha256: identity of the weights (part of the job spec, so a resume with other weights is refused).
+        embed_dim: token width ``D``.
+        compute: pixels ``[B, 3, H, W]`` -> ``{feature: [B, ...]}`` float32 numpy, for ``config.features``.
+    """
+
+    preprocess: PreprocessConfig
+    sha256: str
+    embed_dim: int
+    compute: Compute
+    kind: str = "external"
+
+
 class PixelComputer:
     """The raw-pixel baseline: preprocessed pixels ``[B, 3, H, W]`` -> ``{"pixels": [B, 3*H*W]}``."""
 
@@ -123,7 +145,7 @@ def _loader(source: DataSource, units: list[Unit], model: Any, config: ExtractCo
 
 
 def _consume(batch: UnitBatch, open_units: dict[int, _OpenUnit], by_index: dict[int, Unit], out_dir: Path,
-             config: ExtractConfig, compute: FeatureComputer, stats: SkipStats) -> dict[str, Any] | None:
+             config: ExtractConfig, compute: Compute, stats: SkipStats) -> dict[str, Any] | None:
     unit = open_units.get(batch.unit)
     if unit is None:
         unit = open_units[batch.unit] = _OpenUnit(out_dir, by_index[batch.unit], config)
@@ -141,7 +163,7 @@ def _consume(batch: UnitBatch, open_units: dict[int, _OpenUnit], by_index: dict[
     return unit.commit()
 
 
-def _run_units(source: DataSource, units: list[Unit], model: Any, compute: FeatureComputer, out_dir: Path,
+def _run_units(source: DataSource, units: list[Unit], model: Any, compute: Compute, out_dir: Path,
                config: ExtractConfig, info: Runtime) -> tuple[int, SkipStats]:
     stats = SkipStats()
     if not units:
@@ -170,15 +192,19 @@ def _run_units(source: DataSource, units: list[Unit], model: Any, compute: Featu
     return committed, stats
 
 
-def _open(config: ExtractConfig, info: Runtime) -> tuple[Any, DataSource, list[Unit], dict[str, Any]]:
+def _open(config: ExtractConfig, info: Runtime, external: ExternalModel | None,
+          opened: DataSource | None) -> tuple[Any, DataSource, list[Unit], dict[str, Any]]:
     device = info.device
-    model = load_eval_model(config.model, poolings=("cls",), device=device, autocast=config.autocast,
-                            preprocess_overrides=config.preprocess)
+    model: Any = external or load_eval_model(config.model, poolings=("cls",), device=device,
+                                             autocast=config.autocast, preprocess_overrides=config.preprocess)
     if (model.kind == "pixels") != (config.features == ("pixels",)):
         raise ConfigError("the 'pixels' feature goes with --model pixels (and only with it)")
-    source = open_source(config.input)
+    source = opened if opened is not None else open_source(config.input)
     pre = model.preprocess
-    dim = 3 * pre.size * pre.size if model.kind == "pixels" else model.extractor.backbone.config.embed_dim
+    if external is not None:
+        dim = external.embed_dim
+    else:
+        dim = 3 * pre.size * pre.size if model.kind == "pixels" else model.extractor.backbone.config.embed_dim
     units = plan_units(source, config.shard_size)
     spec = job_spec(model_sha256=model.sha256, model=str(config.model), input_spec=source.spec,
                     features=config.features, dtype=config.dtype, fmt=config.format, shard_size=config.shard_size,
@@ -188,8 +214,13 @@ def _open(config: ExtractConfig, info: Runtime) -> tuple[Any, DataSource, list[U
     return model, source, units, spec
 
 
-def run_extraction(config: ExtractConfig) -> ExtractResult:
+def run_extraction(config: ExtractConfig, external: ExternalModel | None = None,
+                   source: DataSource | None = None) -> ExtractResult:
     """Run (or resume) an extraction job; returns what this run did.
+
+    ``external``: a model opened by the caller, used instead of loading ``config.model`` (whose text then only
+    names the job). ``source``: ``config.input`` already opened by the caller (e.g. wrapped to do more with
+    each decoded image); its spec must be ``config.input``'s.
 
     Raises:
         DataError / ConfigError / ArtifactError / CheckpointError: bad input, or an output folder holding
@@ -198,7 +229,7 @@ def run_extraction(config: ExtractConfig) -> ExtractResult:
     started = time.perf_counter()
     info = init_runtime(config.device)
     try:
-        model, source, units, spec = _open(config, info)
+        model, source, units, spec = _open(config, info, external, source)
         out_dir = Path(config.output)
         if info.is_main:
             resumed = claim_output(out_dir, spec)
@@ -211,8 +242,13 @@ def run_extraction(config: ExtractConfig) -> ExtractResult:
         mine = [u for u in units_of_rank(units, info.rank, info.world_size) if u.name not in done]
         mine = mine[:config.max_units] if config.max_units else mine
         remove_stale_staging(out_dir, mine)
-        compute = PixelComputer() if model.kind == "pixels" else FeatureComputer(
-            model.extractor.backbone, config.features, model.extractor.device, config.autocast)
+        if external is not None:
+            compute: Compute = external.compute
+        elif model.kind == "pixels":
+            compute = PixelComputer()
+        else:
+            compute = FeatureComputer(model.extractor.backbone, config.features, model.extractor.device,
+                                      config.autocast)
         committed, stats = _run_units(source, mine, model, compute, out_dir, config, info)
         barrier(info)
         complete = len(done_units(out_dir)) == len(units)
