@@ -4,10 +4,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEB_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default
+DEB_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default chromium chromium-driver
 INSTALL_STAMP := $(VENV)/.install-stamp
 
-.PHONY: all install data demo demo-serve test test-fast bench clean help triton-env
+.PHONY: all install data demo demo-serve demo-search test test-fast bench clean help triton-env
 
 help:
 	@echo "make demo   - run the end-to-end demo on real data (installs what it needs)"
@@ -58,6 +58,7 @@ demo: install data
 	@echo "== 5/6 export the student to ONNX, gated by a parity report"
 	$(DF) export onnx $(DEMO)/distill/artifacts/vit64 --out $(DEMO)/onnx --knn-limit 500
 	$(MAKE) --no-print-directory demo-serve
+	$(MAKE) --no-print-directory demo-search
 	@echo "demo done: outputs in $(DEMO)/ (pretrain/, distill/, onnx/parity.json, embeddings.npy)"
 
 # Step 6 of the demo (also runnable alone once steps 1-5 have written $(DEMO)/onnx).
@@ -68,6 +69,20 @@ demo-serve: install
 	bash -c 'set -e; $(DF) serve --model $(DEMO)/onnx --port 8765 --log-level warning & pid=$$!; \
 	  trap "kill $$pid" EXIT; for i in $$(seq 60); do curl -sf localhost:8765/ready >/dev/null && break; sleep 1; done; \
 	  $(DF) embed $$(cat $(DEMO)/sample_images.txt) --server http://127.0.0.1:8765 --out $(DEMO)/embeddings.npy --no-progress'
+
+# Last step of the demo: the search page. Index real photos with the demo's model, search once in headless
+# Chromium, save the screenshot. SEARCH_MODEL: an artifact or ONNX export (with --patch-tokens for the PCA view);
+# SEARCH_INPUT: a folder of photos (default: the real sample photos shipped in the foolbox wheel).
+SEARCH_MODEL ?= $(DEMO)/onnx
+SEARCH_INPUT ?= $(shell $(BIN)/python -c "import importlib.util, pathlib; \
+  spec = importlib.util.find_spec('foolbox'); print(pathlib.Path(list(spec.submodule_search_locations)[0]) / 'data')")
+demo-search: install data
+	@echo "== search page: index the photos, open the page in headless Chromium, search once"
+	$(DF) index build --model $(SEARCH_MODEL) --input $(SEARCH_INPUT) --index $(DEMO)/search_index --no-progress
+	$(BIN)/python -m dinoforge.serve.page_browser --model $(SEARCH_MODEL) --index $(DEMO)/search_index \
+	  --query $(SEARCH_INPUT) --out $(DEMO)/search.png
+	@echo "search the photos in your browser: $(DF) serve --model $(SEARCH_MODEL) --index $(DEMO)/search_index" \
+	  "  then open http://127.0.0.1:8000/"
 
 test: install data triton-env
 	$(BIN)/python -m pytest

@@ -19,6 +19,8 @@ for stage in STAGES:
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={stage_pkg: ["**/*.yaml", "**/*.json", "**/*.pbtxt", "py.typed"] for stage_pkg in packages},
+    # *.html/*.css/*.js: the search page served by `dinoforge serve` (serve/static/)
+    package_data={stage_pkg: ["**/*.yaml", "**/*.json", "**/*.pbtxt", "**/*.html", "**/*.css", "**/*.js", "py.typed"]
+                  for stage_pkg in packages},
     include_package_data=True,
 )

@@ -28,13 +28,14 @@ from dinoforge.serve.index_store import IndexStore
 from dinoforge.serve.metrics import ServeMetrics
 from dinoforge.serve.middleware import AllowMiddleware, AuthMiddleware, GuardMiddleware, MetricsMiddleware
 from dinoforge.serve.responses import install_error_handlers
-from dinoforge.serve.routes import classify, embeddings, health, retrieval
+from dinoforge.serve.routes import classify, embeddings, health, page, query, retrieval
 from dinoforge.serve.settings import ServeSettings
 from dinoforge.serve.state import ServerState
 
 log = logging.getLogger("dinoforge.serve")
 
 JSON_ROUTES = ("/v1/embeddings", "/v1/classify", "/v1/index", "/v1/search")
+UPLOAD_ROUTES = ("/v1/embeddings/upload", "/v1/query", "/v1/pca")
 
 
 @dataclass
@@ -143,16 +144,18 @@ def create_app(settings: ServeSettings, *, backend: Backend | None = None,
         state.backend, state.head, state.index = resources.backend, resources.head, resources.index
         state.preloaded = True
     app.state.serve = state
-    routers = [module.router for module in (health, embeddings, classify, retrieval)]
+    routers = [module.router for module in (health, embeddings, classify, retrieval, query, page)]
     for router in routers:
         app.include_router(router)
+    app.mount(page.STATIC_PREFIX, page.static_files(), name="static")
     install_error_handlers(app)
-    types = {path: "application/json" for path in JSON_ROUTES} | {"/v1/embeddings/upload": "multipart/form-data"}
+    types = ({path: "application/json" for path in JSON_ROUTES}
+             | {path: "multipart/form-data" for path in UPLOAD_ROUTES})
     # added innermost first: requests meet metrics -> auth -> guard -> allowed methods -> routes
     app.add_middleware(AllowMiddleware, routes=[r for router in routers for r in router.routes])
     app.add_middleware(GuardMiddleware, max_bytes=settings.max_payload_bytes, content_types=types,
                        body_timeout_s=settings.body_timeout_s, body_deadline_s=settings.request_timeout_s,
                        max_inflight_bytes=settings.max_inflight_body_bytes)
-    app.add_middleware(AuthMiddleware, keys=settings.key_values())
+    app.add_middleware(AuthMiddleware, keys=settings.key_values(), open_paths=page.open_paths() | {"/health"})
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=[r for router in routers for r in router.routes])
     return app

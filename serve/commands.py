@@ -1,4 +1,6 @@
-"""``dinoforge serve`` (+ ``serve build-head``) and ``dinoforge embed``. Only argparse (and os) is imported here."""
+"""``dinoforge serve`` (+ ``serve build-head``), ``dinoforge embed``, ``dinoforge index build`` and ``dinoforge viz``.
+
+Only argparse (and os) is imported here."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _head_arguments(h)
     h.set_defaults(func=_build_head)
 
-    e = subparsers.add_parser("embed", help="embed images through a running `dinoforge serve`")
+    e = subparsers.add_parser("embed", help="embed images through a running `dinoforge serve`",
+                              description="Embed images through a server. With --out the run is resumable: finished "
+                                          "batches go to OUT.partial.jsonl, and a rerun skips them.")
     e.add_argument("images", nargs="+", type=Path, help="image files or folders (recursive)")
     e.add_argument("--server", default="http://127.0.0.1:8000", help="server URL (default %(default)s)")
     e.add_argument("--api-key", help="Bearer key (default: $DINOFORGE_API_KEY)")
@@ -31,8 +35,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=32, help="images per request (default 32)")
     e.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     e.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    e.add_argument("--retries", type=int, default=8, help="retries of a batch refused with 429/503 or dropped, "
+                   "with jittered backoff honouring Retry-After (default 8)")
+    e.add_argument("--skip-bad", action="store_true", help="leave out images the server refuses or that cannot be "
+                   "read, listed with their reason in OUT.bad.jsonl (default: stop at the first, naming its path)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(func=_embed)
+    _register_index(subparsers)
+    _register_viz(subparsers)
+
+
+def _register_index(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("index", help="build a searchable index of a folder of images (for `serve --index`)")
+    sub = p.add_subparsers(dest="index_command", metavar="SUBCOMMAND", required=True)
+    b = sub.add_parser("build", help="embed a folder (resumable) into a serving index with thumbnails",
+                       description="Embed every image of --input with --model (resumable: rerun after a crash), "
+                                   "store the vectors in the serving index at --index and a thumbnail of each "
+                                   "image beside them. Then: dinoforge serve --model M --index DIR.")
+    b.add_argument("--model", type=Path, required=True, help="artifact dir, or .onnx file / export folder")
+    b.add_argument("--input", required=True, help="image folder (recursive), manifest, or any core.data spec with "
+                                                  "random access (fmnist:test[:1000], ...)")
+    b.add_argument("--index", type=Path, required=True, help="index directory (created; resumed when it exists)")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--num-workers", type=int, default=2, help="image decoding processes (default 2)")
+    b.add_argument("--shard-size", type=int, default=10_000, help="images per resumable unit (default 10000)")
+    b.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=_index_build)
+
+
+def _register_viz(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("viz", help="pictures of what a model sees: patch PCA, retrieval grids (PNG)")
+    sub = p.add_subparsers(dest="viz_command", metavar="SUBCOMMAND", required=True)
+    pca = sub.add_parser("pca", help="first three PCA components of the patch tokens as RGB, per image and joint")
+    pca.add_argument("images", nargs="+", type=Path, help="image files")
+    pca.add_argument("--model", type=Path, required=True, help="artifact dir, or .onnx export with patch tokens")
+    pca.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created)")
+    pca.set_defaults(func=_viz_pca)
+    nb = sub.add_parser("neighbours", help="a grid PNG: each query and its nearest indexed images")
+    nb.add_argument("queries", nargs="+", type=Path, help="query image files")
+    nb.add_argument("--model", type=Path, required=True, help="the model the index was built with")
+    nb.add_argument("--index", type=Path, required=True, help="index directory (from `dinoforge index build`)")
+    nb.add_argument("--out", type=Path, required=True, help="folder for neighbours.png (created)")
+    nb.add_argument("--k", type=int, default=8, help="neighbours per query (default 8)")
+    nb.set_defaults(func=_viz_neighbours)
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,7 +104,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", dest="max_images_per_request", type=int, default=128)
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="decoded pixels per image")
     p.add_argument("--head", type=Path, help="classification head dir (from `serve build-head`)")
-    p.add_argument("--index-dir", type=Path, help="retrieval index folder (created if missing)")
+    p.add_argument("--index-dir", "--index", dest="index_dir", type=Path,
+                   help="retrieval index folder (created if missing; `dinoforge index build` makes one)")
     p.add_argument("--triton-url", help="Triton endpoint host:port (HTTP 8000 / gRPC 8001)")
     p.add_argument("--triton-model", help="model name in the Triton repository")
     p.add_argument("--triton-protocol", choices=["http", "grpc"], default="http")
@@ -108,3 +155,21 @@ def _embed(args: argparse.Namespace) -> int:
     from dinoforge.serve.cli import run_embed
 
     return run_embed(args)
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    from dinoforge.serve.index_build import run_index_build
+
+    return run_index_build(args)
+
+
+def _viz_pca(args: argparse.Namespace) -> int:
+    from dinoforge.serve.viz import run_viz_pca
+
+    return run_viz_pca(args)
+
+
+def _viz_neighbours(args: argparse.Namespace) -> int:
+    from dinoforge.serve.viz import run_viz_neighbours
+
+    return run_viz_neighbours(args)
