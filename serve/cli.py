@@ -19,6 +19,7 @@ from dinoforge.core.errors import ConfigError, DataError
 from dinoforge.core.fileio import atomic_open, atomic_write_text
 
 if TYPE_CHECKING:
+    from dinoforge.serve.embed_job import BadImage
     from dinoforge.serve.settings import ServeSettings
 
 log = logging.getLogger("dinoforge.serve")
@@ -87,26 +88,49 @@ def _write_output(out: Path | None, names: list[str], vectors: np.ndarray) -> No
         raise ConfigError(f"--out {out}: use a .npy or .jsonl file")
 
 
+def _write_bad_report(out: Path | None, bad: list[BadImage]) -> None:
+    """``OUT.bad.jsonl`` (path, status, reason per line) beside the output, or the list on stderr."""
+    if not bad:
+        return
+    lines = [json.dumps({"path": b.name, "status": b.status, "reason": b.reason}) for b in bad]
+    if out is None:
+        print("\n".join(f"skipped {b.name}: {b.reason}" for b in bad), file=sys.stderr)
+        return
+    report = out.with_name(out.name + ".bad.jsonl")
+    atomic_write_text(report, "".join(line + "\n" for line in lines))
+    print(f"skipped {len(bad)} images (listed in {report})", file=sys.stderr)
+
+
 def run_embed(args: argparse.Namespace) -> int:
-    """Embed files/folders through a server and print or save the vectors."""
+    """Embed files/folders through a server and print or save the vectors (resumable when ``--out`` is given)."""
     from dinoforge.serve.client import AsyncDinoforgeClient
+    from dinoforge.serve.client_inputs import expand_images
+    from dinoforge.serve.embed_job import Journal, run_embed_job
 
     if args.out is not None and args.out.suffix not in (".npy", ".jsonl"):
         raise ConfigError(f"--out {args.out}: use a .npy or .jsonl file")
-    if args.batch_size <= 0 or args.concurrency <= 0:
-        raise ConfigError("--batch-size and --concurrency must be positive")
+    if args.batch_size <= 0 or args.concurrency <= 0 or args.retries < 0:
+        raise ConfigError("--batch-size and --concurrency must be positive, --retries not negative")
     key = args.api_key or os.environ.get("DINOFORGE_API_KEY")
+    refs = expand_images(args.images)
+    options = {k: v for k, v in {"pooling": args.pooling, "dimensions": args.dimensions,
+                                 "normalize": not args.no_normalize}.items() if v is not None}
+    journal = None if args.out is None else Journal(args.out.with_name(args.out.name + ".partial.jsonl"),
+                                                    {**options, "server": args.server})
 
     async def go():  # noqa: ANN202
         async with AsyncDinoforgeClient(args.server, api_key=key, timeout=args.timeout, batch_size=args.batch_size,
-                                        concurrency=args.concurrency) as client:
-            return await client.embed(args.images, pooling=args.pooling, normalize=not args.no_normalize,
-                                      dimensions=args.dimensions, progress=not args.no_progress)
+                                        concurrency=args.concurrency, retries=args.retries) as client:
+            return await run_embed_job(client, refs, options, journal=journal, skip_bad=args.skip_bad,
+                                       progress=not args.no_progress)
 
     result = asyncio.run(go())
-    if len(result.names) == 0:
+    if len(result.names) == 0 and not result.bad:
         raise DataError("no images given")
     _write_output(args.out, result.names, result.vectors)
-    if args.out is not None:
-        print(f"wrote {args.out} ({len(result.names)} x {result.vectors.shape[1]})", file=sys.stderr)
+    _write_bad_report(args.out, result.bad)
+    if journal is not None:
+        journal.path.unlink(missing_ok=True)  # the output is complete and durable: nothing left to resume
+        dim = result.vectors.shape[1] if result.vectors.ndim == 2 else 0
+        print(f"wrote {args.out} ({len(result.names)} x {dim})", file=sys.stderr)
     return 0

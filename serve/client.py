@@ -1,8 +1,9 @@
 """Python client of ``dinoforge serve`` (sync and async): embed / classify / index / search.
 
 Images may be files, folders (recursive, sorted), PIL images or bytes; they are read lazily, sent in batches
-of ``batch_size`` and shown with a progress bar on request. 429 / 503 answers are retried after the
-server's ``Retry-After``; any other error raises :class:`ClientError` with the server's reason.
+of ``batch_size`` and shown with a progress bar on request. 429 / 503 answers and dropped connections are
+retried with jittered backoff (never sooner than the server's ``Retry-After``); any other error raises
+:class:`ClientError` with the server's reason.
 
 Example::
 
@@ -14,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +31,9 @@ from dinoforge.serve.client_inputs import ImageLike, ImageRef, expand_images
 from dinoforge.serve.wire import decode_vector
 
 RETRY_STATUSES = frozenset({429, 503})
+#: a connection dropped mid-request (a restarting server, the connection cap): retried like a 503; a refused
+#: connection or a timeout is not (a wrong URL should fail at once)
+_DROPPED = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 
 class ClientError(DinoforgeError):
@@ -99,6 +104,13 @@ def _raise_for(response: httpx.Response) -> None:
                       retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
 
 
+def _as_client_error(exc: Exception, url: str) -> tuple[ClientError, bool]:
+    """The error to raise, and whether the request is worth retrying."""
+    if isinstance(exc, ClientError):
+        return exc, exc.status in RETRY_STATUSES
+    return ClientError(f"cannot reach {url}: {exc}"), isinstance(exc, _DROPPED)
+
+
 class _Base:
     """Request building and response parsing shared by both clients."""
 
@@ -116,7 +128,11 @@ class _Base:
 
     @staticmethod
     def _wait_s(err: ClientError, attempt: int) -> float:
-        return min(30.0, err.retry_after if err.retry_after is not None else 0.5 * 2**attempt)
+        """Seconds before retry ``attempt`` (0-based): jittered so that many clients refused together do not
+        come back together; never sooner than ``Retry-After``."""
+        if err.retry_after is not None:
+            return min(60.0, err.retry_after) * (1.0 + 0.5 * random.random())
+        return random.uniform(0.1, min(30.0, 0.5 * 2**attempt))  # "full jitter" exponential backoff
 
 
 class DinoforgeClient(_Base):
@@ -149,14 +165,12 @@ class DinoforgeClient(_Base):
         for attempt in range(self.retries + 1):
             try:
                 response = self.http.request(method, path, **kwargs)
-            except httpx.TransportError as err:
-                raise ClientError(f"cannot reach {self.url}{path}: {err}") from err
-            try:
                 _raise_for(response)
                 return response.json()
-            except ClientError as err:
-                if err.status not in RETRY_STATUSES or attempt == self.retries:
-                    raise
+            except (ClientError, httpx.TransportError) as exc:
+                err, retry = _as_client_error(exc, self.url + path)
+                if not retry or attempt == self.retries:
+                    raise err from (None if err is exc else exc)
                 time.sleep(self._wait_s(err, attempt))
         raise AssertionError("unreachable")
 
@@ -249,14 +263,12 @@ class AsyncDinoforgeClient(_Base):
         for attempt in range(self.retries + 1):
             try:
                 response = await self.http.request(method, path, **kwargs)
-            except httpx.TransportError as err:
-                raise ClientError(f"cannot reach {self.url}{path}: {err}") from err
-            try:
                 _raise_for(response)
                 return response.json()
-            except ClientError as err:
-                if err.status not in RETRY_STATUSES or attempt == self.retries:
-                    raise
+            except (ClientError, httpx.TransportError) as exc:
+                err, retry = _as_client_error(exc, self.url + path)
+                if not retry or attempt == self.retries:
+                    raise err from (None if err is exc else exc)
                 await asyncio.sleep(self._wait_s(err, attempt))
         raise AssertionError("unreachable")
 
