@@ -43,8 +43,12 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     fields = {k: getattr(args, k) for k in (
         "model", "backend", "model_name", "device", "host", "port", "max_batch_size", "max_queue_delay_ms",
         "max_queue_size", "preprocess_workers", "torch_threads", "request_timeout_s", "max_images_per_request",
-        "max_pixels", "head", "index_dir", "triton_url", "triton_model", "triton_protocol", "warmup")}
+        "max_pixels", "max_request_pixels", "max_connections", "head", "index_dir", "triton_url", "triton_model",
+        "triton_protocol", "warmup")}
     fields["max_payload_bytes"] = int(args.max_payload_mb * 1024 * 1024)
+    fields["max_response_bytes"] = int(args.max_response_mb * 1024 * 1024)
+    # bodies in flight: room for at least four of the largest requests
+    fields["max_inflight_body_bytes"] = max(256 * 1024 * 1024, 4 * fields["max_payload_bytes"])
     fields["api_keys"] = _api_keys(args)
     fields["insecure_no_auth"] = args.insecure_no_auth
     try:

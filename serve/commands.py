@@ -103,6 +103,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-payload-mb", type=float, default=64.0)
     p.add_argument("--max-images", dest="max_images_per_request", type=int, default=128)
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="decoded pixels per image")
+    p.add_argument("--max-request-pixels", type=int, default=256_000_000, help="decoded pixels per request")
+    p.add_argument("--max-response-mb", type=float, default=64.0, help="largest response (beyond: 413)")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections (beyond: 503, closed)")
     p.add_argument("--head", type=Path, help="classification head dir (from `serve build-head`)")
     p.add_argument("--index-dir", "--index", dest="index_dir", type=Path,
                    help="retrieval index folder (created if missing; `dinoforge index build` makes one)")
