@@ -136,7 +136,7 @@ def _main(argv: list[str] | None = None) -> int:
         query = pick_query(args.query)
         settings = ServeSettings(model=args.model, index_dir=args.index, port=0)
         with BackgroundServer(settings) as server:
-            driver = open_browser()
+            driver = open_browser(1280, 1000)
             try:
                 driver.get(server.url + "/")
                 wait_state(driver, ("ready", "error"))

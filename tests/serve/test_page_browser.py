@@ -135,6 +135,7 @@ def test_api_key_is_asked_once_per_tab_and_a_wrong_key_is_explained(browser: Any
         browser.find_element(By.ID, "key-input").send_keys("wrong-key", Keys.ENTER)
         assert wait_state(browser, ("key", "ready")) == "key"
         assert "refused this API key" in _message(browser) and "invalid API key" in _message(browser)
+        browser.execute_script("document.body.dataset.state = 'typing'")  # so the wait sees the new answer
         browser.find_element(By.ID, "key-input").send_keys("right-key", Keys.ENTER)
         assert wait_state(browser, ("key", "ready")) == "ready"
         query = next((stamps / "vehicles").iterdir())
