@@ -48,18 +48,33 @@ def _patch_item(row_patch: np.ndarray, size: tuple[int, int], patch_size: int,
             "patch_grid": grid, "patch_shape": list(row_patch.shape), "patch_tokens_dtype": req.patch_tokens_dtype}
 
 
-def check_response_size(result: EngineResult, dim: int, req: EmbeddingOptions, limit: int) -> None:
-    """413 before serialising a response that would be larger than ``limit`` bytes (estimated from shapes)."""
-    size = _BODY_OVERHEAD + len(result.rows) * (_ITEM_OVERHEAD + encoded_bytes(dim, req.encoding_format))
+def check_response_size(n_images: int, dim: int, patch_floats: list[int], req: EmbeddingOptions,
+                        limit: int) -> None:
+    """413 when a response would be larger than ``limit`` bytes (estimated from shapes, before it is built).
+
+    Args:
+        n_images: images answered.
+        dim: embedding width.
+        patch_floats: values of each image's patch tokens (``N_i * D``); ignored without ``return_patch_tokens``.
+        req: the request options (encodings decide bytes per value).
+        limit: the server's ``max_response_bytes``.
+    """
+    size = _BODY_OVERHEAD + n_images * (_ITEM_OVERHEAD + encoded_bytes(dim, req.encoding_format))
     if req.return_patch_tokens:
         patch_fmt = "float" if req.encoding_format == "float" and req.patch_tokens_dtype == "float32" else "base64"
-        for row in result.rows:
-            if row.patch is not None:
-                size += encoded_bytes(row.patch[0].numel(), patch_fmt, req.patch_tokens_dtype)
+        size += sum(encoded_bytes(n, patch_fmt, req.patch_tokens_dtype) for n in patch_floats)
     if size > limit:
         raise PayloadTooLarge(f"the response would be about {size} bytes, over this server's limit of {limit}: "
                               "send fewer images per request, or use encoding_format=base64 and "
                               "patch_tokens_dtype=float16, or drop return_patch_tokens")
+
+
+def _fixed_patch_floats(backend: Backend) -> int | None:
+    """Patch-token values per image when the contract fixes the input size (known before inference)."""
+    cfg = backend.info.preprocessing
+    if cfg.mode == "patch_multiple":
+        return None  # depends on each image's aspect ratio
+    return (cfg.size // backend.info.patch_size) ** 2 * backend.info.embed_dim
 
 
 async def embed_images(state: ServerState, request: Request, images: list[bytes], req: EmbeddingOptions,
@@ -71,9 +86,14 @@ async def embed_images(state: ServerState, request: Request, images: list[bytes]
     if req.return_patch_tokens and not backend.has_patch_tokens:
         raise InvalidInput("return_patch_tokens: this model was exported without patch tokens "
                            "(re-export with `dinoforge export onnx --patch-tokens`)")
+    limit, per_image = state.settings.max_response_bytes, _fixed_patch_floats(backend)
+    if per_image is not None:  # refuse before any inference when the size is known from the request alone
+        dim = options.dimensions or pooled_dim(backend.info.embed_dim, options.pooling)
+        check_response_size(len(images), dim, [per_image] * len(images), req, limit)
     result: EngineResult = await state.embed(request, images)
     vectors = state.pooled(result, options)  # [n, D']
-    check_response_size(result, vectors.shape[1], req, state.settings.max_response_bytes)
+    patch_floats = [0 if row.patch is None else row.patch[0].numel() for row in result.rows]
+    check_response_size(len(result.rows), vectors.shape[1], patch_floats, req, limit)
     data = []
     for i, vec in enumerate(vectors):
         item: dict[str, Any] = {"object": "embedding", "index": i, "embedding": encode_vector(vec, req.encoding_format)}

@@ -41,6 +41,7 @@ def test_huge_patch_token_response_is_413_before_it_is_built(server: BackgroundS
     message = r.json()["error"]["message"]
     assert "response would be about" in message and "patch_tokens_dtype=float16" in message
     assert len(r.content) < 1000
+    assert server.state.metrics.images._value.get() == 0  # refused from the request alone: no inference ran
 
 
 def test_float16_patch_tokens_are_compact_and_shaped(server: BackgroundServer) -> None:
