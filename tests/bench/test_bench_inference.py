@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from dinoforge.core.backbone import get_arch
+import torch
+from bench_inference import flops_per_image
 
-REPO = Path(__file__).resolve().parents[2]
+from dinoforge.core.backbone import build_backbone, get_arch
+from tests.bench.conftest import RunBench
 
 
 def analytic_vit_flops(arch: str, image_size: int, **overrides: object) -> int:
@@ -22,10 +22,9 @@ def analytic_vit_flops(arch: str, image_size: int, **overrides: object) -> int:
     return 2 * n * (3 * c.patch_size ** 2) * d + c.depth * per_block
 
 
-def test_quick_run_prints_table_and_counts_flops(tmp_path: Path) -> None:
+def test_quick_run_prints_table_and_counts_flops(tmp_path: Path, run_bench: RunBench) -> None:
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, str(REPO / "bench" / "bench_inference.py"), "--quick", "--threads", "1",
-                          "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    res = run_bench("bench_inference.py", "--quick", "--threads", "1", "--json", str(out), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "| batch | median s/batch | img/s | ceiling img/s |" in res.stdout and "machine:" in res.stdout
     result = json.loads(out.read_text())
@@ -39,15 +38,6 @@ def test_quick_run_prints_table_and_counts_flops(tmp_path: Path) -> None:
 
 def test_vits14_flops_match_analytic_count() -> None:
     """ViT-S/14 widths with registers at 224 px (one block keeps the test fast; the count is per block)."""
-    import importlib.util
-
-    import torch
-
-    from dinoforge.core.backbone import build_backbone
-
-    spec = importlib.util.spec_from_file_location("bench_inference", REPO / "bench" / "bench_inference.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)  # type: ignore[union-attr]
     model = build_backbone("vits14_reg4", depth=1).eval().to("meta")  # shapes only: nothing is computed
-    counted = bench.flops_per_image(model, 224, torch.device("meta"))
+    counted = flops_per_image(model, 224, torch.device("meta"))
     assert counted == analytic_vit_flops("vits14_reg4", 224, depth=1)
