@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from dinoforge.core.backbone import BackboneConfig, get_arch
 from dinoforge.core.config import StrictModel, load_config, recipe_names_in, resolve_recipe_in
 from dinoforge.core.errors import ConfigError
-from dinoforge.pretrain.augment import CropsConfig
+from dinoforge.pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, CropsConfig
 from dinoforge.pretrain.config import (
     ArtifactConfig,
     CheckpointConfig,
@@ -37,15 +37,54 @@ RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 Mode = Literal["head", "feature"]
 
 
-class TeacherConfig(StrictModel):
-    """The frozen teacher: a model artifact (with heads for ``mode: head``), an official DINOv2 ``.pth`` or a
-    timm checkpoint (head-less: ``mode: feature``)."""
+class TeacherPreprocessConfig(StrictModel):
+    """An external teacher's own input: normalisation and the side it sees a global view at."""
 
-    path: str = Field(..., description="artifact directory or .pth / .pt / .bin / .safetensors checkpoint")
-    arch: str | None = Field(None, description="checkpoints: registered architecture for what shapes cannot tell")
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    size: int = Field(224, gt=0, description="input side for a global crop (local crops scaled alike)")
+
+
+class TeacherConfig(StrictModel):
+    """The frozen teacher.
+
+    ``kind: artifact`` (default): a model artifact (with heads for ``mode: head``), an official DINOv2 ``.pth``
+    or a timm DINOv2 checkpoint named by ``path``. ``kind: torchvision | timm``: architecture ``arch`` with the
+    state dict in ``weights`` (``.pth`` read with ``weights_only=True``, or ``.safetensors``). ``kind: onnx``:
+    the ``.onnx`` file in ``weights``, run by onnxruntime. External kinds need ``mode: feature``.
+    """
+
+    kind: Literal["artifact", "torchvision", "timm", "onnx"] = "artifact"
+    path: str | None = Field(None, description="artifact: directory or .pth / .pt / .bin / .safetensors checkpoint")
+    weights: str | None = Field(None, description="torchvision / timm: state dict file; onnx: the .onnx file")
+    arch: str | None = Field(None, description="architecture name (artifact checkpoints: registered dinoforge "
+                             "arch for what shapes cannot tell; torchvision / timm: the model name)")
     num_heads: int | None = Field(None, gt=0, description="checkpoints: attention heads (default width / 64)")
     patch_size: int | None = Field(None, gt=0, description="checkpoints: patch size (checked against the kernel)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 casts the teacher's weights (half memory)")
+    preprocess: TeacherPreprocessConfig = Field(default_factory=TeacherPreprocessConfig,
+                                                description="external kinds: the teacher's own preprocessing")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> TeacherConfig:
+        if self.kind == "artifact":
+            if self.path is None:
+                raise ValueError("teacher.kind artifact needs teacher.path (artifact directory or checkpoint)")
+            if self.weights is not None:
+                raise ValueError("teacher.weights is for kind torchvision / timm / onnx; artifacts use teacher.path")
+            return self
+        if self.weights is None:
+            raise ValueError(f"teacher.kind {self.kind} needs teacher.weights (the local weights file)")
+        if self.kind in ("torchvision", "timm") and self.arch is None:
+            raise ValueError(f"teacher.kind {self.kind} needs teacher.arch (e.g. mobilenet_v2)")
+        if self.path is not None:
+            raise ValueError(f"teacher.path is for kind artifact; kind {self.kind} reads teacher.weights")
+        return self
+
+    @property
+    def location(self) -> str:
+        """The file or directory the teacher is read from."""
+        return str(self.path if self.kind == "artifact" else self.weights)
 
 
 class StudentConfig(StrictModel):
@@ -156,6 +195,11 @@ class DistillConfig(StrictModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"student names must be unique; repeated: {duplicates}")
+        if self.teacher.kind != "artifact" and self.mode != "feature":
+            raise ValueError(f"a {self.teacher.kind} teacher has no DINO head: use mode: feature")
+        if self.teacher.kind != "artifact" and self.knn_teacher:
+            raise ValueError(f"knn_teacher: the in-run teacher k-NN needs a dinoforge teacher; set knn_teacher: "
+                             f"false for a {self.teacher.kind} teacher (score it with dinoforge distill eval)")
         return self
 
     def global_batch_size(self, world_size: int) -> int:

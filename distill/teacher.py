@@ -1,4 +1,5 @@
-"""The frozen teacher: loaded from an artifact (backbone + heads) or a head-less official / timm checkpoint.
+"""The frozen teacher: an artifact (backbone + heads), a head-less official / timm DINOv2 checkpoint, or an
+external network (torchvision, timm, ONNX; :mod:`.external_teacher`).
 
 The teacher never trains: parameters have ``requires_grad=False``, it stays in eval mode (no drop path), its
 forward runs under ``torch.no_grad`` and, with ``precision: bf16``, its weights are stored in bfloat16 (half
@@ -19,7 +20,9 @@ from dinoforge.core.artifact import ModelCard, is_artifact, load_artifact
 from dinoforge.core.backbone import BackboneConfig, DinoFeatures, DinoVisionTransformer
 from dinoforge.core.checkpoint import load_backbone
 from dinoforge.core.errors import CheckpointError, ConfigError
-from dinoforge.distill.config import TeacherConfig
+from dinoforge.distill.config import DistillConfig, TeacherConfig
+from dinoforge.distill.external_teacher import (ExternalTeacher, OnnxTeacher, TorchTeacher, ViewNorm, file_sha256,
+                                                load_strict, read_state_dict)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -104,18 +107,32 @@ class FrozenTeacher(nn.Module):
         return self.parts[name](tokens.to(self.dtype)).float()
 
 
+#: What :func:`load_teacher` returns: a dinoforge ViT with heads, or an external network.
+Teacher = FrozenTeacher | ExternalTeacher
+
+
 def _info_from_card(path: Path, card: ModelCard) -> TeacherInfo:
     return TeacherInfo(path=str(path), kind="artifact", sha256=card.weights_sha256, name=card.name,
                        num_parameters=card.num_parameters)
 
 
-def load_teacher(cfg: TeacherConfig) -> tuple[FrozenTeacher, TeacherInfo]:
+def load_teacher(cfg: TeacherConfig, views: ViewNorm | None = None) -> tuple[Teacher, TeacherInfo]:
     """Load and freeze the teacher named by the recipe (on CPU; the trainer moves it).
 
+    Args:
+        cfg: the recipe's ``teacher`` section.
+        views: how the shared views arrive (the recipe's crop normalisation and global size); external
+            kinds need it to re-normalise and resize each view for themselves.
+
     Raises:
-        CheckpointError / ArtifactError: the path does not hold a loadable model.
+        CheckpointError / ArtifactError: the file does not hold a loadable model or its keys do not match.
+        ConfigError: unknown architecture, or an external teacher without ``views``.
     """
-    path = Path(cfg.path).expanduser()
+    if cfg.kind != "artifact":
+        if views is None:
+            raise ConfigError(f"a {cfg.kind} teacher needs the recipe's view normalisation (crops.mean/std/size)")
+        return load_external_teacher(cfg, views)
+    path = Path(cfg.path or "").expanduser()
     if not path.exists():
         raise CheckpointError(f"teacher.path {cfg.path} does not exist (give a model artifact directory or an "
                               "official / timm checkpoint file)")
@@ -129,12 +146,69 @@ def load_teacher(cfg: TeacherConfig) -> tuple[FrozenTeacher, TeacherInfo]:
     return FrozenTeacher(loaded.backbone, {}, cfg.precision), info
 
 
-def require_heads(teacher: FrozenTeacher, info: TeacherInfo) -> None:
+def crop_views(cfg: DistillConfig) -> ViewNorm:
+    """How the recipe's crops reach a teacher: their normalisation and the global crop side."""
+    crops = cfg.crops
+    return ViewNorm(tuple(crops.mean), tuple(crops.std), crops.global_crops_size)  # type: ignore[arg-type]
+
+
+def load_external_teacher(cfg: TeacherConfig, views: ViewNorm) -> tuple[ExternalTeacher, TeacherInfo]:
+    """A torchvision / timm network with its local state dict, or an ONNX model (see :mod:`.external_teacher`).
+
+    Raises:
+        CheckpointError: missing or unreadable weights, keys or shapes that do not match (a few named).
+        ConfigError: unknown architecture.
+    """
+    path = Path(cfg.weights or "").expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"teacher.weights {cfg.weights} does not exist (give the local weights file)")
+    pre = cfg.preprocess
+    if cfg.kind == "onnx":
+        teacher: ExternalTeacher = OnnxTeacher(path, views, pre.mean, pre.std, pre.size)
+        count = 0
+    else:
+        model = build_architecture(cfg.kind, str(cfg.arch))
+        load_strict(model, read_state_dict(path), f"teacher {cfg.kind}:{cfg.arch} from {path}")
+        count = sum(p.numel() for p in model.parameters())
+        teacher = TorchTeacher(model, cfg.kind, views, pre.mean, pre.std, pre.size, _DTYPES[cfg.precision])
+    info = TeacherInfo(path=str(path), kind=f"{cfg.kind}:{cfg.arch}" if cfg.arch else cfg.kind,
+                       sha256=file_sha256(path), name=path.name, num_parameters=count)
+    return teacher, info
+
+
+def build_architecture(kind: str, arch: str) -> nn.Module:
+    """An untrained torchvision or timm model by name (weights come from the recipe's file, never a download).
+
+    Raises:
+        ConfigError: the library does not know ``arch`` (close names suggested).
+    """
+    if kind == "timm":
+        import timm
+
+        known = timm.list_models()
+        if arch not in known:
+            raise ConfigError(f"unknown timm architecture {arch!r}; close names: {_close(arch, known)}")
+        return timm.create_model(arch, pretrained=False)
+    import torchvision
+
+    known = torchvision.models.list_models()
+    if arch not in known:
+        raise ConfigError(f"unknown torchvision architecture {arch!r}; close names: {_close(arch, known)}")
+    return torchvision.models.get_model(arch, weights=None)
+
+
+def _close(name: str, known: Sequence[str]) -> str:
+    import difflib
+
+    return ", ".join(difflib.get_close_matches(name, known, n=4, cutoff=0.5)) or "none"
+
+
+def require_heads(teacher: Teacher, info: TeacherInfo) -> None:
     """Head-based distillation needs the teacher's DINO head.
 
     Raises:
         ConfigError: the teacher has no ``dino_head`` (official and timm checkpoints never have one).
     """
-    if "dino_head" not in teacher.head_names:
+    if "dino_head" not in getattr(teacher, "head_names", ()):
         raise ConfigError(f"mode: head needs a teacher with a DINO head, but {info.path} ({info.kind}) has none; "
                           "use mode: feature for head-less teachers (official DINOv2 and timm weights)")
