@@ -7,13 +7,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
 
-from dinoforge.core.data import IndexedSource, Sample, open_source  # noqa: E402
-from dinoforge.core.extract import FeatureStore  # noqa: E402
-from dinoforge.core.fileio import atomic_open  # noqa: E402
+from dinoforge.core.data import IndexedSource, Sample, open_source
+from dinoforge.core.extract import FeatureStore
+from dinoforge.core.fileio import atomic_open
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

@@ -83,7 +83,7 @@ def export_module(module: ExportableViT, *, opset: int = MIN_OPSET, exporter: Ex
     with torch.no_grad():
         try:
             model = _export_legacy(module, x, opset) if used == "legacy" else _export_dynamo(module, x, opset)
-        except Exception as err:  # noqa: BLE001 — exporter internals raise anything; auto falls back
+        except Exception as err:  # exporter internals raise anything; auto falls back
             if exporter != "auto":
                 raise ExportError(f"the {used} ONNX exporter failed: {type(err).__name__}: {err}") from err
             log.warning("dynamo exporter failed (%s: %s); falling back to the legacy exporter",

@@ -37,7 +37,7 @@ class TritonPythonModel:
         responses, start = [], 0
         for size in sizes:
             tensors = [pb_utils.Tensor(name, out[start:start + size])
-                       for name, out in zip(self.output_names, outputs)]
+                       for name, out in zip(self.output_names, outputs, strict=True)]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses

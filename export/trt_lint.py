@@ -178,6 +178,6 @@ def lint_onnx(path: str | Path) -> list[Finding]:
         raise ExportError(f"{path} does not exist")
     try:
         model = onnx.load(str(path))
-    except Exception as err:  # noqa: BLE001 — protobuf raises several unrelated types on garbage
+    except Exception as err:  # protobuf raises several unrelated types on garbage
         raise ExportError(f"{path} is not a readable ONNX model: {err}") from err
     return lint_model(model)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from dinoforge.core.data import open_source
+from dinoforge.core.data import DataSource, open_source
 from dinoforge.core.eval.features import BackboneExtractor, extract_features
 from dinoforge.core.eval.knn import knn_classify
 from dinoforge.core.preprocess import PreprocessConfig
@@ -30,14 +30,14 @@ class KnnMonitor:
 
     def __init__(self, cfg: KnnConfig, preprocess: PreprocessConfig, *, device: str = "cpu") -> None:
         self.cfg, self.preprocess, self.device = cfg, preprocess, device
-        self._sources: dict[str, object] = {}
+        self._sources: dict[str, DataSource] = {}
         self._open(cfg.train), self._open(cfg.test)  # fail early on a bad spec
         if cfg.periodic_train:
             self._open(cfg.periodic_train)
         if cfg.periodic_test:
             self._open(cfg.periodic_test)
 
-    def _open(self, spec: str):
+    def _open(self, spec: str) -> DataSource:
         if spec not in self._sources:
             self._sources[spec] = open_source(spec)
         return self._sources[spec]

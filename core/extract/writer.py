@@ -57,7 +57,7 @@ class NpyAppender:
         self.rows = 0
         self.max_rows = max_rows
         self._header_len = len(self._header(max_rows))
-        self._fh: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._fh: BinaryIO = open(path, "wb")  # closed in close()
         self._fh.write(self._header(max_rows))
 
     def _header(self, rows: int, pad_to: int | None = None) -> bytes:

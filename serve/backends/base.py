@@ -107,7 +107,7 @@ class Backend(ABC):
         for b in batch_sizes:
             self.core(torch.zeros(b, 3, h, w))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: most backends hold nothing to release
         """Release runtime resources (sessions, connections)."""
 
     def describe(self) -> dict[str, object]:

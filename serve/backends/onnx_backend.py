@@ -71,7 +71,7 @@ class OnnxRuntimeBackend(ExportedBackend):
         try:
             self.session = ort.InferenceSession(str(self.path), options,
                                                 providers=providers or ["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for bad files
+        except Exception as err:  # ORT raises its own exception types for bad files
             raise ArtifactError(f"onnxruntime cannot load {self.path}: {err}") from err
         meta = self.session.get_modelmeta().custom_metadata_map
         super().__init__(GraphContract.from_metadata(meta, str(self.path)), name)

@@ -123,7 +123,7 @@ class TritonBackend(ExportedBackend):
                   if self.protocol == "http" else {})
         try:
             client = self.module.InferenceServerClient(url=self.url, **kwargs)
-        except Exception as err:  # noqa: BLE001 - tritonclient raises several types for bad URLs
+        except Exception as err:  # tritonclient raises several types for bad URLs
             raise ConfigError(f"cannot create a Triton {self.protocol} client for {self.url}: {err}") from err
         self._local.client = client
         self._clients.append(client)
