@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports export code only when a command runs
+    from dinoforge.export.pipeline import OnnxExportOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,7 +93,7 @@ def _register_triton(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_triton)
 
 
-def _onnx_options(args: argparse.Namespace, **extra: object) -> object:
+def _onnx_options(args: argparse.Namespace, **extra: object) -> OnnxExportOptions:
     from dinoforge.core.config import apply_overrides, build_config
     from dinoforge.export.parity import ParityThresholds
     from dinoforge.export.pipeline import OnnxExportOptions
@@ -109,7 +113,7 @@ def _onnx(args: argparse.Namespace) -> int:
                          patch_tokens=args.patch_tokens, opset=args.opset, exporter=args.exporter,
                          calibration_limit=args.calibration_limit, int8_scheme=args.int8_scheme,
                          overwrite=args.overwrite)
-    report = export_onnx(args.artifact, args.out, opts)  # type: ignore[arg-type]
+    report = export_onnx(args.artifact, args.out, opts)
     print(format_report(report))
     print(f"wrote {args.out}")
     return 0
@@ -150,6 +154,6 @@ def _triton(args: argparse.Namespace) -> int:
                               preferred_batch_sizes=sizes, queue_delay_us=args.queue_delay_us,
                               instances=args.instances, kind=args.kind, overwrite=args.overwrite)
     onnx_opts = _onnx_options(args, resolutions=args.resolution) if args.source.is_dir() else None
-    path = write_triton_model(args.source, args.repo, args.name, opts, onnx_options=onnx_opts)  # type: ignore[arg-type]
+    path = write_triton_model(args.source, args.repo, args.name, opts, onnx_options=onnx_opts)
     print(f"wrote {path}")
     return 0

@@ -63,12 +63,12 @@ def load_fmnist_knn(folder: str | Path | None = FMNIST_DEFAULT, limit: int = 500
     """
     from dinoforge.core.data.fmnist import load_fashion_mnist
 
-    out: list[object] = []
-    for split in ("train", "test"):
-        images, labels = load_fashion_mnist(split, folder, download=False)
-        out += [[torch.from_numpy(img.copy()).unsqueeze(0) for img in images[:limit]],
-                torch.from_numpy(labels[:limit].copy())]
-    return tuple(out)  # type: ignore[return-value]
+    def split(name: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+        images, labels = load_fashion_mnist(name, folder, download=False)
+        return ([torch.from_numpy(img.copy()).unsqueeze(0) for img in images[:limit]],
+                torch.from_numpy(labels[:limit].copy()))
+
+    return split("train") + split("test")
 
 
 def contract_at(pre: PreprocessConfig, size: int) -> PreprocessConfig:

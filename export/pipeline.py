@@ -18,11 +18,13 @@ from dinoforge.core.onnx_contract import (CARD_COPY, EMBEDDING_OUTPUTS, EXPORT_F
                                           PARITY_FILE, PATCH_OUTPUT, graph_filename, parse_resolutions, resolution_tag)
 from dinoforge.export.errors import ExportError, ParityFailure
 from dinoforge.export.graph import ExportableViT
-from dinoforge.export.onnx_export import export_metadata, export_module, io_names, save_model, set_metadata
+from dinoforge.export.onnx_export import (Exporter, export_metadata, export_module, io_names, save_model,
+                                          set_metadata)
 from dinoforge.export.parity import ParityThresholds, gate
 from dinoforge.export.parity_data import (FMNIST_DEFAULT, ParityInputs, default_image_dir, load_fmnist_knn,
                                           load_images)
-from dinoforge.export.parity_eval import evaluate_graph
+from dinoforge.export.parity_eval import evaluate_graph, graph_inputs
+from dinoforge.export.quantize import Int8Scheme, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,10 @@ class OnnxExportOptions(StrictModel):
     embed_preprocessing: bool = False
     patch_tokens: bool = False
     opset: int = Field(18, ge=18)
-    exporter: str = Field("auto", pattern="^(auto|dynamo|legacy)$")
+    exporter: Exporter = "auto"
     calibration: Path | None = None
     calibration_limit: int = Field(64, gt=0)
-    int8_scheme: str = Field("cpu", pattern="^(cpu|tensorrt)$", description="uint8 (ORT CPU) or int8 symmetric (TRT)")
+    int8_scheme: Int8Scheme = Field("cpu", description="uint8 (ORT CPU) or int8 symmetric (TRT)")
     parity_images: Path | None = None
     parity_limit: int = Field(100, gt=0)
     knn_data: Path | None = FMNIST_DEFAULT
@@ -71,15 +73,12 @@ def _build_graph(art: Artifact, hw: tuple[int, int], opts: OnnxExportOptions, in
     dtype = torch.float16 if opts.precision == "fp16" else torch.float32
     pre = art.card.preprocessing if opts.embed_preprocessing else None
     module = ExportableViT(art.backbone, hw, dtype=dtype, preprocess=pre, patch_tokens=opts.patch_tokens)
-    model, used = export_module(module, opset=opts.opset, exporter=opts.exporter)  # type: ignore[arg-type]
+    model, used = export_module(module, opset=opts.opset, exporter=opts.exporter)
     fp32_model = None
     if opts.precision == "int8":
-        from dinoforge.export.parity_eval import graph_inputs
-        from dinoforge.export.quantize import quantize_int8
-
         fp32_model = model
         calib = graph_inputs(inputs.calibration, art.card.preprocessing, hw, opts.embed_preprocessing)
-        model = quantize_int8(fp32_model, calib, scheme=opts.int8_scheme)  # type: ignore[arg-type]
+        model = quantize_int8(fp32_model, calib, scheme=opts.int8_scheme)
     card = art.card.model_dump(mode="json")
     meta = export_metadata(module, card, precision=opts.precision, exporter=used, opset=opts.opset)
     for proto in (model, fp32_model):

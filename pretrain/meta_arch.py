@@ -301,7 +301,7 @@ class SSLMetaArch(nn.Module):
                                          student_temp=cfg.student_temp) * LOSS_SCALES * IBOT_LOSS_SCALE
             losses["ibot_loss"] = ibot_term / 2
             total = total + cfg.ibot_loss_weight * ibot_term
-        losses["total"] = total  # type: ignore[assignment]
+        losses["total"] = torch.as_tensor(total)
         return losses
 
     def forward_backward(self, micro_batches: Sequence[Batch], *, teacher_temp: float,

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -75,8 +76,8 @@ class SpikeDetector:
         """History and counters."""
         return {"history": list(self.history), "consecutive": self.consecutive, "total": self.total}
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
-        self.history = deque((float(v) for v in state["history"]), maxlen=self.cfg.window)  # type: ignore[union-attr]
-        self.consecutive = int(state["consecutive"])  # type: ignore[arg-type]
-        self.total = int(state["total"])  # type: ignore[arg-type]
+        self.history = deque((float(v) for v in state["history"]), maxlen=self.cfg.window)
+        self.consecutive = int(state["consecutive"])
+        self.total = int(state["total"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -40,8 +41,10 @@ def gather_teacher(teacher: nn.ModuleDict, model_cfg: MetaArchConfig, *, is_main
         "backbone": model_cfg.backbone.model_copy(update={"drop_path_rate": 0.0})}))
     plain.load_state_dict(state)
     plain.eval()
-    heads = {k: copy.deepcopy(m) for k, m in plain.items() if k != "backbone"}
-    return PlainTeacher(backbone=plain["backbone"], heads=heads)  # type: ignore[arg-type]
+    # build_student fills the ModuleDict with a backbone and DINOHead heads; ModuleDict types them nn.Module
+    backbone = cast(DinoVisionTransformer, plain["backbone"])
+    heads = {k: cast(DINOHead, copy.deepcopy(m)) for k, m in plain.items() if k != "backbone"}
+    return PlainTeacher(backbone=backbone, heads=heads)
 
 
 def default_preprocess(global_crops_size: int, patch_size: int, mean: tuple[float, float, float],
