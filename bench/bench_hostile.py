@@ -90,6 +90,27 @@ class Server:
     def rss(self) -> float:
         return _rss_mb(self.proc.pid)
 
+    def peak_growth(self, fn: Any) -> tuple[Any, int]:
+        """``fn()``'s result and the server's peak RSS growth (MB, sampled every 50 ms) while it ran."""
+        before, peak, done = self.rss(), [0.0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                try:
+                    peak[0] = max(peak[0], self.rss())
+                except (OSError, StopIteration):
+                    return
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            result = fn()
+        finally:
+            done.set()
+            thread.join()
+        return result, round(max(peak[0], self.rss()) - before)
+
     def post(self, body: dict[str, Any], timeout: float = 600) -> tuple[int, float, int]:
         """Status, seconds and response bytes of one ``/v1/embeddings`` request."""
         t0 = time.perf_counter()
@@ -108,9 +129,8 @@ def attack_thin(model: Path) -> dict[str, Any]:
     out = {}
     for width, height in ((1, 100_000), (1, 2000)):
         server = Server(model)
-        before = server.rss()
-        status, seconds, _ = server.post({"input": [_b64(_png(width, height))]})
-        out[f"{width}x{height}"] = {"status": status, "s": seconds, "rss_growth_mb": round(server.rss() - before)}
+        (status, seconds, _), growth = server.peak_growth(lambda: server.post({"input": [_b64(_png(width, height))]}))
+        out[f"{width}x{height}"] = {"status": status, "s": seconds, "peak_rss_growth_mb": growth}
         server.close()
     return out
 
@@ -119,12 +139,14 @@ def _while_busy(server: Server, body: dict[str, Any]) -> dict[str, Any]:
     small = {"input": [_b64(_png(40, 30))]}
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(zip(("status", "s", "bytes"), server.post(body))))
-    before = server.rss()
-    thread.start()
-    time.sleep(0.5)
-    result["small_request_s"] = server.post(small)[1]
-    thread.join()
-    result["rss_growth_mb"] = round(server.rss() - before)
+
+    def attack() -> None:
+        thread.start()
+        time.sleep(0.5)
+        result["small_request_s"] = server.post(small)[1]
+        thread.join()
+
+    result["peak_rss_growth_mb"] = server.peak_growth(attack)[1]
     return result
 
 
@@ -140,9 +162,9 @@ def attack_decode(model: Path) -> dict[str, Any]:
 def attack_response(vits: Path) -> dict[str, Any]:
     server = Server(vits)
     tiny = [_b64(_png(8, 8)) for _ in range(128)]
-    before = server.rss()
-    status, seconds, size = server.post({"input": tiny, "return_patch_tokens": True})
-    out = {"json": {"status": status, "s": seconds, "bytes": size, "rss_growth_mb": round(server.rss() - before)}}
+    (status, seconds, size), growth = server.peak_growth(lambda: server.post({"input": tiny,
+                                                                              "return_patch_tokens": True}))
+    out = {"json": {"status": status, "s": seconds, "bytes": size, "peak_rss_growth_mb": growth}}
     status, seconds, size = server.post({"input": tiny, "return_patch_tokens": True, "encoding_format": "base64",
                                          "patch_tokens_dtype": "float16"})
     out["float16"] = {"status": status, "s": seconds, "bytes": size}
@@ -177,10 +199,9 @@ def attack_slow(model: Path) -> dict[str, Any]:
     still_open = sum(1 for s in socks if _open(s))
     for sock in socks:
         sock.close()
-    before = server.rss()
-    statuses = asyncio.run(_big_bodies(server.url, 8, 60 * 2**20))
+    statuses, growth = server.peak_growth(lambda: asyncio.run(_big_bodies(server.url, 8, 60 * 2**20)))
     out = {"trickling_connections_open_after_15s": still_open, "bodies_8x60MB": statuses,
-           "bodies_rss_growth_mb": round(server.rss() - before)}
+           "bodies_peak_rss_growth_mb": growth}
     server.close()
     return out
 

@@ -131,7 +131,7 @@ async def embed_batch(client: AsyncDinoforgeClient, batch: Sequence[ImageRef], o
             index, message = _named(err, refs)
             if index is None or not skip_bad:
                 raise ClientError(message, status=err.status) from None
-            bad.append(BadImage(refs[index].name, err.status, message))
+            bad.append(BadImage(refs[index].name, err.status, message.removeprefix(f"{refs[index].name}: ")))
             refs = refs[:index] + refs[index + 1:]
             continue
         return [(ref.name, item["embedding"]) for ref, item in zip(refs, body["data"], strict=True)], bad
