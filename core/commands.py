@@ -1,4 +1,6 @@
-"""Core subcommands: ``info``, ``convert``, ``parity``. Only argparse is imported at registration time."""
+"""Core subcommands: ``info``, ``convert``, ``init``, ``photos``, ``parity``.
+
+Only argparse is imported at registration time."""
 
 from __future__ import annotations
 
@@ -36,12 +38,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=_init)
 
+    p = subparsers.add_parser("photos", help="gather the installed real photos into a training collection",
+                              description="Decode every image of the known installed packages (docs/distill.md), "
+                                          "drop exact duplicates, shrink, and write OUT/images, OUT/manifest.csv "
+                                          "(source and licence per file) and OUT/report.json; open it as photos:OUT.")
+    p.add_argument("out", type=Path, help="collection folder")
+    p.add_argument("--short-side", type=int, default=512, help="shorter side of the stored copies (default 512)")
+    p.set_defaults(func=_photos)
+
     p = subparsers.add_parser("parity", help="check dinoforge against official DINOv2 golden fixtures")
     p.add_argument("paths", type=Path, nargs="+", help="fixture directories or .pt files")
     p.add_argument("--json", type=Path, help="also write the report as JSON")
     p.add_argument("--tol-scale", type=float, default=1.0, help="multiply every float tolerance (default 1)")
     p.add_argument("--failures-only", action="store_true", help="print only failing checks")
     p.set_defaults(func=_parity)
+
+
+def _photos(args: argparse.Namespace) -> int:
+    import json
+
+    from dinoforge.core.data.photos import build_photos
+    from dinoforge.core.errors import DataError
+
+    if args.short_side <= 0:
+        raise DataError(f"--short-side must be positive, got {args.short_side}")
+    print(json.dumps(build_photos(args.out, short_side=args.short_side), indent=2))
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:

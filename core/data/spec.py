@@ -1,7 +1,10 @@
 """Spec strings: one string per source for configs and command lines.
 
-``SCHEME:TARGET[SELECTION]`` with schemes ``folder``, ``manifest``, ``wds``, ``fmnist``; without a scheme the
-kind is inferred from the path. Selections: ``[a:b]`` slices, ``[~N]`` / ``[~N@SEED]`` random subsets.
+``SCHEME:TARGET[SELECTION]`` with schemes ``folder``, ``manifest``, ``wds``, ``fmnist``, ``photos`` (a collection
+built by ``dinoforge photos``), ``tuxpaint`` (``eval`` / ``other`` stamps); without a scheme the kind is inferred
+from the path. Selections: ``[a:b]`` slices, ``[~N]`` / ``[~N@SEED]`` random subsets, ``[*N]`` every sample N
+times (weighs a small source up in a join). Indexed sources join with ``+`` before a scheme:
+``photos:runs/photos[*10]+fmnist:train[~10000@0]`` is the first, then the second.
 """
 
 from __future__ import annotations
@@ -12,19 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dinoforge.core.data.base import DataSource
+from dinoforge.core.data.base import DataSource, IndexedSource
 from dinoforge.core.data.fmnist import FashionMNISTSource
 from dinoforge.core.data.folder import ImageFolderSource
 from dinoforge.core.data.manifest import MANIFEST_SUFFIXES, ManifestSource
-from dinoforge.core.data.subset import random_subset, slice_source
+from dinoforge.core.data.photos import open_photos
+from dinoforge.core.data.subset import ConcatSource, random_subset, repeated, slice_source
+from dinoforge.core.data.tuxpaint import TuxpaintSource
 from dinoforge.core.data.webdataset import WebDatasetSource
 from dinoforge.core.errors import DataError
 
-SCHEMES = ("folder", "manifest", "wds", "fmnist")
+SCHEMES = ("folder", "manifest", "wds", "fmnist", "photos", "tuxpaint")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9_+-]*):(?!//)")
 _SELECTION = re.compile(r"\[([^\[\]]*)\]$")
 _SLICE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*$")
 _RANDOM = re.compile(r"^\s*~\s*(\d+)\s*(?:@\s*(\d+))?\s*$")
+_REPEAT = re.compile(r"^\s*\*\s*(\d+)\s*$")
+_JOIN = re.compile(r"\+(?=(?:" + "|".join(SCHEMES) + r"):)")
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,9 @@ def _select(source: DataSource, selection: str, spec: str) -> DataSource:
         return slice_source(source, start, stop)
     if (m := _RANDOM.match(selection)) is not None:
         return random_subset(source, int(m.group(1)), int(m.group(2) or 0))
-    raise DataError(f"bad selection [{selection}] in {spec!r}; use [start:stop], [~N] or [~N@SEED]")
+    if (m := _REPEAT.match(selection)) is not None:
+        return repeated(source, int(m.group(1)))
+    raise DataError(f"bad selection [{selection}] in {spec!r}; use [start:stop], [~N], [~N@SEED] or [*N]")
 
 
 def open_source(spec: str | Path | DataSource, *, classes: Sequence[str] | None = None,
@@ -105,6 +114,9 @@ def open_source(spec: str | Path | DataSource, *, classes: Sequence[str] | None 
     """
     if isinstance(spec, DataSource):
         return spec
+    parts = _JOIN.split(str(spec))
+    if len(parts) > 1:
+        return _join([open_source(part, classes=classes, **options) for part in parts], str(spec))
     parsed = parse_spec(str(spec))
     try:
         source = _construct(parsed, classes, options)
@@ -115,6 +127,12 @@ def open_source(spec: str | Path | DataSource, *, classes: Sequence[str] | None 
     return source
 
 
+def _join(sources: list[DataSource], spec: str) -> DataSource:
+    if not all(isinstance(s, IndexedSource) for s in sources):
+        raise DataError(f"{spec!r}: only indexed sources (not wds streams) can be joined with '+'")
+    return ConcatSource(sources)  # type: ignore[arg-type]
+
+
 def _construct(parsed: SourceSpec, classes: Sequence[str] | None, options: dict[str, Any]) -> DataSource:
     if parsed.scheme == "folder":
         return ImageFolderSource(parsed.target, classes=classes, **options)
@@ -122,6 +140,10 @@ def _construct(parsed: SourceSpec, classes: Sequence[str] | None, options: dict[
         return ManifestSource(parsed.target, classes=classes, **options)
     if parsed.scheme == "wds":
         return WebDatasetSource(parsed.target, classes=classes, **options)
+    if parsed.scheme == "photos":
+        return open_photos(parsed.target, classes=classes, **options)
+    if parsed.scheme == "tuxpaint":
+        return TuxpaintSource(parsed.target, **options)
     source = FashionMNISTSource(parsed.target, **options)
     if classes is not None and list(classes) != source.classes:
         raise DataError(f"fmnist:{parsed.target} has the fixed Fashion-MNIST classes; it cannot be mapped onto "

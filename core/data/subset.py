@@ -88,6 +88,14 @@ def random_subset(source: DataSource, n: int, seed: int = 0) -> IndexedSource:
     return SubsetSource(src, idx, spec=f"{src.spec}[~{n}@{seed}]")
 
 
+def repeated(source: DataSource, times: int) -> IndexedSource:
+    """Every sample ``times`` times, in source order (weighs a small source up when joined with a large one)."""
+    src = _indexed(source, "repetition")
+    if times <= 0:
+        raise DataError(f"cannot repeat {src.spec} {times} times (give a positive count)")
+    return SubsetSource(src, np.tile(np.arange(len(src)), times), spec=f"{src.spec}[*{times}]")
+
+
 def shuffled(source: DataSource, seed: int = 0) -> IndexedSource:
     """All samples in a seeded random order."""
     src = _indexed(source, "shuffling")

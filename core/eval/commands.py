@@ -53,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = tasks.add_parser("knn", help="weighted k-NN classification (DINOv2 protocol)")
     _common(p, "cls")
     p.add_argument("--train", required=True, help="training data spec (e.g. fmnist:train, folder:/data/train)")
-    p.add_argument("--test", required=True, help="test data spec")
+    p.add_argument("--test", help="test data spec (omit with --leave-one-out)")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="classify every --train image by all the others (small labelled sets, e.g. tuxpaint:eval)")
     p.add_argument("--ks", type=_int_list, default=[10, 20, 100, 200], help="neighbour counts (default 10,20,100,200)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default 0.07)")
     p.set_defaults(func=_run)
@@ -81,11 +83,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from dinoforge.core.config import build_config
+    from dinoforge.core.errors import DataError
     from dinoforge.core.eval.linear import LinearProbeConfig
     from dinoforge.core.eval.model import load_eval_model
     from dinoforge.core.eval.report import format_report
     from dinoforge.core.eval.runner import run_knn, run_linear, run_retrieval, write_report
 
+    if args.eval_task == "knn" and (args.test is None) != args.leave_one_out:
+        raise DataError("eval knn: give --test, or --leave-one-out without --test")
     model = load_eval_model(args.model, poolings=args.pooling, device=args.device, autocast=args.autocast,
                             preprocess_overrides=args.preprocess)
     common = {"batch_size": args.batch_size, "num_workers": args.num_workers, "progress": not args.no_progress}

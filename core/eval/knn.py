@@ -75,9 +75,15 @@ def _resolve_ks(ks: Sequence[int], n_train: int) -> dict[int, int]:
 
 
 def _chunk_scores(queries: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, k_used: dict[int, int],
-                  temperature: float, num_classes: int) -> dict[int, torch.Tensor]:
-    """Vote sums ``{k: [m, C]}`` for normalised ``queries [m, D]`` against normalised ``train [N, D]``."""
+                  temperature: float, num_classes: int, self_start: int | None = None) -> dict[int, torch.Tensor]:
+    """Vote sums ``{k: [m, C]}`` for normalised ``queries [m, D]`` against normalised ``train [N, D]``.
+
+    ``self_start``: the queries are training rows ``self_start ...`` (leave-one-out), never their own neighbour.
+    """
     sims = queries @ train.T  # [m, N]
+    if self_start is not None:
+        rows = torch.arange(len(queries), device=sims.device)
+        sims[rows, rows + self_start] = -float("inf")
     top_sims, top_idx = sims.topk(max(k_used.values()), dim=1, largest=True, sorted=True)  # [m, K]
     top_labels = train_labels[top_idx]  # [m, K]
     weights = (top_sims / temperature).exp()  # [m, K]; |sim| <= 1 so at most e^(1/T), no overflow
@@ -89,14 +95,15 @@ def _chunk_scores(queries: torch.Tensor, train: torch.Tensor, train_labels: torc
 
 
 def _iter_chunks(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, k_used: dict[int, int],
-                 temperature: float, num_classes: int, chunk_size: int,
-                 device: str | torch.device | None) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
+                 temperature: float, num_classes: int, chunk_size: int, device: str | torch.device | None,
+                 exclude_self: bool = False) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
     device = torch.device(device) if device is not None else train_x.device
     train = F.normalize(train_x.to(device, torch.float32), dim=1)  # [N, D]
     labels = train_y.to(device)
     for start in range(0, len(test_x), chunk_size):
         queries = F.normalize(test_x[start:start + chunk_size].to(device, torch.float32), dim=1)  # [m, D]
-        yield start, _chunk_scores(queries, train, labels, k_used, temperature, num_classes)
+        yield start, _chunk_scores(queries, train, labels, k_used, temperature, num_classes,
+                                   start if exclude_self else None)
 
 
 def _num_classes(train_y: torch.Tensor, test_y: torch.Tensor | None, num_classes: int | None) -> int:
@@ -130,7 +137,7 @@ def knn_class_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
 def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
                  ks: Sequence[int] = DEFAULT_KS, temperature: float = DEFAULT_TEMPERATURE,
                  num_classes: int | None = None, chunk_size: int = 256,
-                 device: str | torch.device | None = None) -> KnnResult:
+                 device: str | torch.device | None = None, leave_one_out: bool = False) -> KnnResult:
     """Top-1/top-5 accuracy (percent) of weighted k-NN for each ``k``.
 
     Args:
@@ -140,7 +147,11 @@ def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         num_classes: ``C`` (default: largest label + 1).
         chunk_size: test queries per similarity block.
         device: where to compute (default: the features' device).
+        leave_one_out: the test set *is* the training set (same rows, same order); each sample is classified
+            by the other ``N - 1`` (small labelled sets without a split).
     """
+    if leave_one_out and (test_x.shape != train_x.shape or not torch.equal(test_y, train_y)):
+        raise DataError("leave-one-out k-NN needs the test set to be the training set (same rows and labels)")
     if train_x.dim() != 2 or test_x.dim() != 2 or train_x.shape[1] != test_x.shape[1]:
         raise DataError(f"k-NN needs [N, D] and [M, D] features, got {list(train_x.shape)} and {list(test_x.shape)}")
     train_y, test_y = _check_labels(train_y, "training"), _check_labels(test_y, "test")
@@ -148,11 +159,12 @@ def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         raise DataError("k-NN: features and labels have different lengths")
     classes = _num_classes(train_y, test_y, num_classes)
     check_knn_settings(ks, temperature)
-    k_used = _resolve_ks(ks, len(train_x))
+    k_used = _resolve_ks(ks, len(train_x) - int(leave_one_out))
     correct1 = dict.fromkeys(k_used, 0)
     correct5 = dict.fromkeys(k_used, 0)
     top = min(5, classes)
-    for start, scores in _iter_chunks(train_x, train_y, test_x, k_used, temperature, classes, chunk_size, device):
+    for start, scores in _iter_chunks(train_x, train_y, test_x, k_used, temperature, classes, chunk_size, device,
+                                      leave_one_out):
         truth = test_y[start:start + chunk_size].to(next(iter(scores.values())).device)[:, None]  # [m, 1]
         for k, s in scores.items():
             best = s.topk(top, dim=1).indices  # [m, top]

@@ -67,27 +67,31 @@ def _report(task: str, model: EvalModel, parts: dict[str, Any], results: dict[st
             "command": sys.argv}
 
 
-def run_knn(model: EvalModel, train: str | DataSource, test: str | DataSource, *, ks: Sequence[int] = DEFAULT_KS,
-            temperature: float = DEFAULT_TEMPERATURE, batch_size: int = 256, num_workers: int = 0,
-            chunk_size: int = 256, progress: bool = True) -> dict[str, Any]:
-    """k-NN accuracy of ``model``'s features (every pooling it computes) trained on ``train``, tested on ``test``."""
+def run_knn(model: EvalModel, train: str | DataSource, test: str | DataSource | None, *,
+            ks: Sequence[int] = DEFAULT_KS, temperature: float = DEFAULT_TEMPERATURE, batch_size: int = 256,
+            num_workers: int = 0, chunk_size: int = 256, progress: bool = True) -> dict[str, Any]:
+    """k-NN accuracy of ``model``'s features (every pooling it computes) trained on ``train``, tested on ``test``
+    (``test=None``: leave-one-out on ``train``, each image classified by all the others)."""
     check_knn_settings(ks, temperature)
     started = time.perf_counter()
-    train_src, test_src = open_pair(train, test)
+    loo = test is None
+    train_src, test_src = (open_source(train), None) if loo else open_pair(train, test)  # type: ignore[arg-type]
     kw = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
     train_f = _features(model, train_src, desc=f"train {train_src.spec}", **kw)
-    test_f = _features(model, test_src, desc=f"test {test_src.spec}", **kw)
+    test_f = train_f if test_src is None else _features(model, test_src, desc=f"test {test_src.spec}", **kw)
     num_classes = train_src.num_classes
     results = {}
     for name in train_f.names:
         t0 = time.perf_counter()
         res = knn_classify(train_f[name], train_f.labels, test_f[name], test_f.labels, ks=ks,
                            temperature=temperature, num_classes=num_classes, chunk_size=chunk_size,
-                           device=_device(model))
+                           device=_device(model), leave_one_out=loo)
         results[name] = {**res.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
-    parts = {"train": _data_entry(train_src, train_f), "test": _data_entry(test_src, test_f)}
+    parts = {"train": _data_entry(train_src, train_f)}
+    if test_src is not None:  # leave-one-out: the settings say so, there is no separate test set
+        parts["test"] = _data_entry(test_src, test_f)
     return _report("knn", model, parts, results, {"ks": list(ks), "temperature": temperature,
-                                                   "batch_size": batch_size}, started)
+                                                   "batch_size": batch_size, "leave_one_out": loo}, started)
 
 
 def run_linear(model: EvalModel, train: str | DataSource, test: str | DataSource, *,
