@@ -129,7 +129,8 @@ def attack_thin(model: Path) -> dict[str, Any]:
     out = {}
     for width, height in ((1, 100_000), (1, 2000)):
         server = Server(model)
-        (status, seconds, _), growth = server.peak_growth(lambda: server.post({"input": [_b64(_png(width, height))]}))
+        body = {"input": [_b64(_png(width, height))]}
+        (status, seconds, _), growth = server.peak_growth(lambda s=server, b=body: s.post(b))
         out[f"{width}x{height}"] = {"status": status, "s": seconds, "peak_rss_growth_mb": growth}
         server.close()
     return out
@@ -138,7 +139,7 @@ def attack_thin(model: Path) -> dict[str, Any]:
 def _while_busy(server: Server, body: dict[str, Any]) -> dict[str, Any]:
     small = {"input": [_b64(_png(40, 30))]}
     result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.update(zip(("status", "s", "bytes"), server.post(body))))
+    thread = threading.Thread(target=lambda: result.update(zip(("status", "s", "bytes"), server.post(body), strict=True)))
 
     def attack() -> None:
         thread.start()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -123,6 +124,10 @@ def check_image_budget(height: int, width: int, cfg: PreprocessConfig | None, *,
                                  f"{max_resized_pixels} (aspect ratio too extreme)")
 
 
+#: What Pillow's format plugins raise on malformed files besides OSError (a mutated TIFF raises TypeError or
+#: KeyError, a GIF IndexError, struct.error from header parsing): all mean "not a decodable image".
+DECODER_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError,
+                   IndexError, ZeroDivisionError, struct.error)
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
@@ -135,7 +140,7 @@ def decode_error_reason(err: BaseException) -> str:
 def _open(source: bytes | str | Path | BinaryIO) -> BinaryIO:
     try:
         return io.BytesIO(source) if isinstance(source, bytes) else \
-            open(source, "rb") if isinstance(source, (str, Path)) else source  # noqa: SIM115
+            open(source, "rb") if isinstance(source, (str, Path)) else source
     except OSError as err:
         raise ImageDecodeError(f"cannot open image {source}: {err}") from err
 
@@ -209,7 +214,9 @@ def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEF
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageTooLargeError(f"image is over the decoded-pixel limit (decompression bomb guard): {err}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+    except MemoryError as err:
+        raise ImageTooLargeError("image is too large to decode in the memory available") from err
+    except DECODER_ERRORS as err:
         raise ImageDecodeError(f"not a decodable image: {decode_error_reason(err)}") from err
     finally:
         if isinstance(source, (str, Path)):

@@ -13,11 +13,11 @@ import re
 import warnings
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from dinoforge.core.errors import ImageDecodeError, ImageTooLargeError
-from dinoforge.core.preprocess import (SUPPORTED_FORMATS, check_image_budget, decode_error_reason, decode_image,
-                                       decoded_pixels)
+from dinoforge.core.preprocess import (DECODER_ERRORS, SUPPORTED_FORMATS, check_image_budget, decode_error_reason,
+                                       decode_image, decoded_pixels)
 from dinoforge.serve.backends.base import Backend
 from dinoforge.serve.errors import InvalidInput, PayloadTooLarge
 
@@ -98,7 +98,7 @@ def probe(data: bytes, index: int, backend: Backend, max_pixels: int) -> int:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge(f"input[{index}]: image is over the decoded-pixel limit of {max_pixels} pixels "
                               "(decompression bomb guard)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+    except DECODER_ERRORS as err:
         raise InvalidInput(f"input[{index}]: not a decodable image: {decode_error_reason(err)}") from None
 
 

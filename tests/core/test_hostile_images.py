@@ -100,3 +100,25 @@ def test_extract_skips_and_records_thin_images_and_resumes(tiny_artifact: Path, 
     assert all("aspect ratio too extreme" in reason for reason in bad["reason"])
     again = run_extraction(cfg)  # a rerun does not trip on them again
     assert again.complete and again.rows_now == 0
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
+def test_mutated_files_are_decode_errors_never_crashes(fmt: str) -> None:
+    """Random byte flips and truncations of real files: a clean image or an ImageDecodeError, nothing else."""
+    from dinoforge.core.errors import ImageDecodeError
+
+    rng = np.random.default_rng(7)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(buf, format=fmt)
+    original = buf.getvalue()
+    for trial in range(150):
+        data = bytearray(original)
+        for pos in rng.integers(0, len(data), size=int(rng.integers(1, 6))):
+            data[pos] = int(rng.integers(0, 256))
+        if trial % 3 == 0:
+            data = data[: int(rng.integers(1, len(data)))]
+        try:
+            img = decode_image(bytes(data), fit=CROP)
+        except ImageDecodeError:
+            continue
+        assert img.mode == "RGB" and img.width > 0 and img.height > 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections.abc import Iterator
@@ -82,3 +81,17 @@ def test_decode_errors_never_show_object_addresses(crop_server: BackgroundServer
         assert r.status_code == 422, r.text
         message = r.json()["error"]["message"]
         assert "0x" not in message and "object at" not in message, message
+
+
+def test_mutated_tiffs_are_422_not_500(crop_server: BackgroundServer) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    original = encode(Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)), "TIFF")
+    statuses = set()
+    for _ in range(60):
+        data = bytearray(original)
+        for pos in rng.integers(0, len(data), size=3):
+            data[pos] = int(rng.integers(0, 256))
+        statuses.add(_embed(crop_server.url, [bytes(data)]).status_code)
+    assert statuses <= {200, 413, 422}, statuses
