@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +12,10 @@ from dinoforge.core.artifact import load_artifact
 from dinoforge.core.data import open_source
 from dinoforge.core.extract import FeatureStore
 from dinoforge.core.preprocess import preprocess_image
+from tests.helpers import cli_command, kill_when, process_env, run_cli
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def extract_cmd(artifact: Path, data: str, out: Path, *extra: str) -> list[str]:
-    return ["-m", "dinoforge.core.cli", "extract", "--model", str(artifact), "--input", data, "--output",
-            str(out), "--no-progress", *extra]
+def extract_args(artifact: Path, data: str, out: Path, *extra: str) -> list[str]:
+    return ["extract", "--model", str(artifact), "--input", data, "--output", str(out), "--no-progress", *extra]
 
 
 def check_against_forward(store: FeatureStore, artifact: Path, data: str, rows: list[int]) -> None:
@@ -50,20 +42,14 @@ def units_done(out: Path) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_every_input_exactly_once(tiny_artifact: Path, tmp_path: Path) -> None:
     n, data, out = 1500, "fmnist:test[:1500]", tmp_path / "out"
-    cmd = [sys.executable, *extract_cmd(tiny_artifact, data, out, "--shard-size", "150", "--batch-size", "15",
-                                        "--num-workers", "1")]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while len(units_done(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, f"job ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    args = extract_args(tiny_artifact, data, out, "--shard-size", "150", "--batch-size", "15", "--num-workers", "1")
+    kill_when(cli_command(*args), lambda: len(units_done(out)) >= 2, env=process_env())
     before = units_done(out)
     assert 2 <= len(before) < 10 and not (out / "index.parquet").exists()
     stamps = {u: (out / "shards" / u / "unit.json").stat().st_mtime_ns for u in before}
 
-    subprocess.run(cmd, env=ENV, check=True, capture_output=True)
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
     store = FeatureStore(out)
     ids = store.table(["id"])["id"].to_pylist()
     assert ids == [f"fmnist:test:{i}" for i in range(n)]  # no lost and no duplicated row, in order
@@ -77,9 +63,8 @@ def test_sigkill_then_resume_gives_every_input_exactly_once(tiny_artifact: Path,
 @pytest.mark.distributed
 def test_two_torchrun_ranks_split_the_units(tiny_artifact: Path, tmp_path: Path) -> None:
     data, out = "fmnist:test[:200]", tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           *extract_cmd(tiny_artifact, data, out, "--shard-size", "30", "--batch-size", "16", "--num-workers", "0")]
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    done = run_cli(*extract_args(tiny_artifact, data, out, "--shard-size", "30", "--batch-size", "16",
+                                 "--num-workers", "0"), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     store = FeatureStore(out)
     assert store.table(["id"])["id"].to_pylist() == [f"fmnist:test:{i}" for i in range(200)]

@@ -18,6 +18,7 @@ from dinoforge.core.config import build_config
 from dinoforge.core.extract import write_feature_store
 from dinoforge.curate.config import CurateConfig
 from dinoforge.curate.pipeline import run_curation
+from tests.helpers import run_cli
 
 DIM, SELF_T, REL_T, K = 32, 0.97, 0.9, 4
 
@@ -127,10 +128,6 @@ def test_rerun_skips_done_steps_and_reruns_changed_ones(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_torchrun_ranks_give_the_single_process_result(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     import yaml
 
     specs = stores(tmp_path, planted(2))
@@ -139,10 +136,7 @@ def test_two_torchrun_ranks_give_the_single_process_result(tmp_path: Path) -> No
     cfg = single.model_dump(mode="json")
     cfg["output"] = str(tmp_path / "ranks")
     (tmp_path / "ranks.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "dinoforge.core.cli", "curate", "--config", str(tmp_path / "ranks.yaml")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = run_cli("curate", "--config", str(tmp_path / "ranks.yaml"), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     # Query chunks (500 rows each) were split over the ranks; the merged results are identical.
     assert len(list((tmp_path / "ranks" / "dedup" / "edges").glob("chunk-*.npz"))) == 7

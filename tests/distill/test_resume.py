@@ -18,7 +18,7 @@ import pytest
 
 from dinoforge.pretrain.checkpointing import checkpoint_path, list_checkpoints, load_checkpoint
 from dinoforge.pretrain.monitor import read_metrics
-from tests.pretrain.test_resume import _assert_same
+from tests.helpers import assert_same
 
 STEPS = 8
 STUDENTS = ("students=[{name: a, seed: 1, backbone: {embed_dim: 16, depth: 2, num_heads: 2, patch_size: 7, "
@@ -68,10 +68,10 @@ def test_kill_and_resume_is_bit_exact(tmp_path: Path, pretrained_teacher: Path) 
     a = load_checkpoint(checkpoint_path(straight / "checkpoints", STEPS))
     b = load_checkpoint(checkpoint_path(killed / "checkpoints", STEPS))
     for part in ("student", "teacher", "centres", "optimizer", "spikes", "rng"):
-        _assert_same(a[part], b[part], part)
+        assert_same(a[part], b[part], part)
     wall = "train_seconds"  # wall time differs, everything else about progress must not
-    _assert_same({k: v for k, v in a["progress"].items() if k != wall},
-                 {k: v for k, v in b["progress"].items() if k != wall}, "progress")
+    assert_same({k: v for k, v in a["progress"].items() if k != wall},
+                {k: v for k, v in b["progress"].items() if k != wall}, "progress")
     assert a["centres"]["dino_centering.center"].abs().sum() > 0  # centring mode: the centres were used
     keys = ("total_loss", "a/dino_local_crops_loss", "b/ibot_loss", "a/koleo_loss", "lr", "momentum")
     ma = [{k: r[k] for k in keys} for r in read_metrics(straight) if "total_loss" in r]

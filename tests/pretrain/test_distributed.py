@@ -15,9 +15,6 @@ What makes them equal (and what would not):
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ import torch
 
 from dinoforge.pretrain.checkpointing import checkpoint_path, load_checkpoint
 from dinoforge.pretrain.monitor import read_metrics
+from tests.helpers import run_cli
 
 STEPS = 4
 COMMON = ["train.threads=1", f"train.max_steps={STEPS}", f"checkpoint.every_steps={STEPS}", "monitor.log_every=1",
@@ -33,11 +31,7 @@ LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss")
 
 
 def _train(run_dir: Path, nproc: int, *overrides: str) -> None:
-    cli = ["-m", "dinoforge.core.cli", "pretrain", "--config", "tiny", f"run_dir={run_dir}", *COMMON, *overrides]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launcher, *cli], env=env, capture_output=True, text=True, timeout=300)
+    done = run_cli("pretrain", "--config", "tiny", f"run_dir={run_dir}", *COMMON, *overrides, nproc=nproc)
     assert done.returncode == 0, done.stderr[-4000:]
 
 

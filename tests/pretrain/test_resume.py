@@ -5,66 +5,36 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from dinoforge.pretrain.checkpointing import checkpoint_path, list_checkpoints, load_checkpoint
 from dinoforge.pretrain.monitor import read_metrics
+from tests.helpers import assert_same, checkpoint_exists, cli_command, kill_when, process_env
 
 STEPS = 10
 ARGS = ["train.threads=1", f"train.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep=5",
         "monitor.log_every=1", "data.num_workers=0", "model.backbone.drop_path_rate=0.2"]
+ENV = process_env(PYTHONHASHSEED="0")
 
 
 def _cmd(run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "dinoforge.core.cli", "pretrain", "--config", "tiny", f"run_dir={run_dir}", *ARGS]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    return cli_command("pretrain", "--config", "tiny", f"run_dir={run_dir}", *ARGS)
 
 
 def _run(run_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(run_dir), env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(_cmd(run_dir), env=ENV, capture_output=True, text=True, timeout=300, check=False)
 
 
 def _kill_after_checkpoint(run_dir: Path, step: int) -> None:
     """Start a run and SIGKILL it as soon as the checkpoint of ``step`` exists (the run is mid-training)."""
-    proc = subprocess.Popen(_cmd(run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    try:
-        while not checkpoint_path(run_dir / "checkpoints", step).exists():
-            assert proc.poll() is None, "training exited before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint appeared in time"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(_cmd(run_dir), checkpoint_exists(run_dir, step), env=ENV)
 
 
 def _final(run_dir: Path) -> dict:
     return load_checkpoint(checkpoint_path(run_dir / "checkpoints", STEPS))
-
-
-def _assert_same(a: object, b: object, what: str) -> None:
-    """Recursive equality of nested dicts / lists / tensors, tensors compared bit for bit."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), what
-        for key in a:
-            _assert_same(a[key], b[key], f"{what}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{what}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{what} differs"
-    else:
-        assert a == b, f"{what}: {a} != {b}"
 
 
 @pytest.mark.slow
@@ -87,7 +57,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path: Path) -> None:
 
     a, b = _final(straight), _final(killed)
     for part in ("student", "teacher", "centres", "optimizer", "spikes", "rng"):
-        _assert_same(a[part], b[part], part)
+        assert_same(a[part], b[part], part)
     assert a["progress"]["step"] == b["progress"]["step"] == STEPS
     # the metrics of the resumed run are the uninterrupted run's, step for step (duplicates truncated)
     keys = ("total_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss", "lr", "teacher_temp")
@@ -102,7 +72,7 @@ def test_sigterm_stops_cleanly_and_the_run_continues(tmp_path: Path) -> None:
     """SIGTERM to the process group (preemption): the step in flight finishes, checkpoint + artifact, exit 0."""
     run = tmp_path / "run"
     cmd = [*_cmd(run), "data.num_workers=1"]  # the signal reaches the data worker too, as in a real preemption
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 240
     while not checkpoint_path(run / "checkpoints", 2).exists():
