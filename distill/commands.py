@@ -2,13 +2,16 @@
 
 * ``dinoforge distill --config RECIPE [key=value ...]``: distil a frozen teacher into one or more students
   (or resume the run); RECIPE is a YAML file or a bundled recipe name (``tiny``, ``fmnist``,
-  ``fmnist_head``, ``vits14_from_vitb14``). Works the same under
+  ``fmnist_head``, ``vits14_from_vitb14``, ``mnv2_photos``). Works the same under
   ``torchrun --nproc_per_node=N -m dinoforge.core.cli distill ...``.
+* ``dinoforge distill-eval RUN_DIR``: teacher, students, ONNX exports and raw pixels on the tuxpaint
+  leave-one-out and Fashion-MNIST k-NN protocols (:mod:`.evaluate`).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +26,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="recipe overrides, e.g. run_dir=runs/d teacher.path=runs/fmnist/artifact train.max_steps=100")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.set_defaults(func=_distill)
+
+    p = subparsers.add_parser("distill-eval", help="k-NN of a distillation run's teacher, students, ONNX exports "
+                              "and raw pixels (tuxpaint leave-one-out, Fashion-MNIST)")
+    p.add_argument("run_dir", type=Path, help="distillation run directory")
+    p.add_argument("--onnx", type=Path, action="append", default=[], help="also an ONNX export directory")
+    p.add_argument("--protocols", default="tuxpaint,fmnist", help="tuxpaint, fmnist or both (default both)")
+    p.add_argument("--fmnist-train", default="fmnist:train", help="k-NN bank (default the full 60k)")
+    p.add_argument("--fmnist-test", default="fmnist:test", help="queries (default the full 10k)")
+    p.add_argument("--no-teacher", action="store_true", help="skip the teacher")
+    p.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel baseline")
+    p.add_argument("--out", type=Path, help="JSON file for the table (default RUN_DIR/eval.json)")
+    p.set_defaults(func=_evaluate)
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -46,4 +61,17 @@ def _distill(args: argparse.Namespace) -> int:
                 ref = last.get("teacher/knn_top1")
                 extra = f" (teacher {ref:.2f}%, ratio {knn / ref:.3f})" if ref else ""
                 print(f"  {student.name}: k-NN top-1 {knn:.2f}%{extra}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dinoforge.distill.evaluate import evaluate_models, format_table, run_models, write_table
+
+    models = run_models(args.run_dir, teacher=not args.no_teacher, pixels=not args.no_pixels, onnx=args.onnx)
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    table = evaluate_models(models, protocols=protocols, fmnist=(args.fmnist_train, args.fmnist_test))
+    print(format_table(table))
+    out = args.out or args.run_dir / "eval.json"
+    write_table(table, out)
+    print(f"wrote {out}")
     return 0

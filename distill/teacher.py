@@ -22,7 +22,7 @@ from dinoforge.core.checkpoint import load_backbone
 from dinoforge.core.errors import CheckpointError, ConfigError
 from dinoforge.distill.config import DistillConfig, TeacherConfig
 from dinoforge.distill.external_teacher import (ExternalTeacher, OnnxTeacher, TorchTeacher, ViewNorm, file_sha256,
-                                                load_strict, read_state_dict)
+                                                load_strict, locate_weights, read_state_dict)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -159,7 +159,7 @@ def load_external_teacher(cfg: TeacherConfig, views: ViewNorm) -> tuple[External
         CheckpointError: missing or unreadable weights, keys or shapes that do not match (a few named).
         ConfigError: unknown architecture.
     """
-    path = Path(cfg.weights or "").expanduser()
+    path = locate_weights(cfg.weights or "")
     if not path.is_file():
         raise CheckpointError(f"teacher.weights {cfg.weights} does not exist (give the local weights file)")
     pre = cfg.preprocess

@@ -92,6 +92,8 @@ def test_bad_teachers_are_clear_errors(tmp_path: Path, mnv2_weights: Path) -> No
     junk.write_bytes(b"not a state dict")
     with pytest.raises(CheckpointError, match="junk.pth"):
         load_teacher(TeacherConfig(kind="torchvision", arch="mobilenet_v2", weights=str(junk)), views)
+    with pytest.raises(CheckpointError, match="not installed"):
+        load_teacher(TeacherConfig(kind="torchvision", arch="mobilenet_v2", weights="pkg:no_such_wheel/w.pth"), views)
     with pytest.raises(ConfigError, match="teacher.arch"):
         load_distill_config("mnv2_photos", ["teacher.arch=null"])
     with pytest.raises(ConfigError, match="knn_teacher"):

