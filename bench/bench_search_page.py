@@ -36,6 +36,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from dinoforge.core.artifact import WEIGHTS_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 DF = [sys.executable, "-m", "dinoforge.core.cli"]
 STUDENT = ["--set", "embed_dim=64", "--set", "depth=4", "--set", "num_heads=2", "--set", "patch_size=7",
@@ -147,7 +149,13 @@ def main() -> None:
             model = tmp / "student"
             run([*DF, "init", "test", "--out", str(model), "--name", "compact-student-random", *STUDENT])
         folder = make_folder(tmp, args.fmnist)
-        build = throughput(model, folder, tmp, args.rounds)
+        if (model / WEIGHTS_FILE).is_file():  # an artifact (export folders carry a model card too)
+            build = throughput(model, folder, tmp, args.rounds)
+        else:  # `dinoforge extract` runs artifacts only: time the index build alone
+            seconds = run([*DF, "index", "build", "--model", str(model), "--input", str(folder), "--index",
+                           str(tmp / "i0"), "--no-progress", "--num-workers", "2"])
+            count = json.loads((tmp / "i0" / "build.json").read_text())["count"]
+            build = {"images": count, "build_s": [round(seconds, 2)], "ratio_median": None}
         queries = sorted(folder.rglob("*.png"))[:: max(1, build["images"] // (args.searches + 5))]
         proc, url = start_server(model, tmp / "i0")
         try:
@@ -161,9 +169,11 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     targets = [("page load to interactive", page["load_ms_median"], "<= 1000 ms", page["load_ms_median"] <= 1000),
                ("search round trip (median)", page["search_ms_median"], "<= 300 ms", page["search_ms_median"] <= 300),
-               ("index build / extract throughput", build["ratio_median"], ">= 0.90", build["ratio_median"] >= 0.9)]
+               ("index build / extract throughput", build["ratio_median"], ">= 0.90",
+                build["ratio_median"] is not None and build["ratio_median"] >= 0.9)]
     for name, value, target, ok in targets:
-        print(f"{name:34s} {value:>9} (target {target}): {'met' if ok else 'MISSED'}")
+        verdict = "not measured (extract runs artifacts only)" if value is None else "met" if ok else "MISSED"
+        print(f"{name:34s} {'-' if value is None else value:>9} (target {target}): {verdict}")
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

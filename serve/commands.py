@@ -143,6 +143,10 @@ def _serve(args: argparse.Namespace) -> int:
     # to 1.30x of a raw-backend window in a before/after check; docs/benchmarks.md#serving). An explicit
     # OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The server's numpy work is small (the page's patch PCA: an SVD of a few hundred patches); OpenBLAS's own
+    # thread team only wakes up to fight the inference threads for the cores: on the 2-core bench machine one
+    # PCA took 170-430 ms with it and ~2 ms without (docs/serve.md, search page figures).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from dinoforge.serve.cli import run_serve
 
     return run_serve(args)

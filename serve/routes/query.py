@@ -113,7 +113,7 @@ async def query(request: Request, state: ServerState = Depends(get_state)) -> Re
     body: dict[str, Any] = {"matches": matches, "classification": _classify(state, result, 5),
                             "pca": None, "pca_error": None}
     try:
-        body["pca"] = pca_json(pca_pictures(result, backend.info.patch_size)[0])
+        body["pca"] = pca_json((await run_in_threadpool(pca_pictures, result, backend.info.patch_size))[0])
     except InvalidInput as err:  # the search still answers; the page says why the picture is missing
         body["pca_error"] = str(err)
     body["timing"] = timing(result, start)

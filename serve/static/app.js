@@ -235,9 +235,9 @@
       $("key-input").value = "";
       $("key-form").hidden = true;
       showMessage("");
-      const again = retry || loadCard;
+      const again = retry || loadCard;  // the call the 401 interrupted
       retry = null;
-      (card ? again : () => loadCard().then(() => { if (again !== loadCard) again(); }))();
+      again();
     });
   }
 
