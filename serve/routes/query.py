@@ -27,8 +27,17 @@ from dinoforge.serve.thumbnails import thumbnail_data_uri
 router = APIRouter(tags=["search page"])
 NO_PATCH_TOKENS = ("this model gives no patch tokens, so there is no patch-PCA view (an ONNX graph exported "
                    "without them: re-export with `dinoforge export onnx --patch-tokens`)")
-_MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "top_k": {"type": "integer"}}}}}}}
+_BINARY = {"type": "string", "format": "binary"}
+
+
+def _multipart(properties: dict[str, Any]) -> dict[str, Any]:
+    """A closed multipart schema: the routes refuse unknown fields, so the document says so."""
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"], "additionalProperties": False, "properties": properties}}}}}
+
+
+_QUERY_FORM = _multipart({"file": _BINARY, "top_k": {"type": "integer", "minimum": 1}})
+_PCA_FORM = _multipart({"file": {"type": "array", "minItems": 1, "items": _BINARY}})
 
 
 async def _read_form(request: Request, fields: tuple[str, ...], limit: int) -> tuple[list[bytes], dict[str, str]]:
@@ -97,7 +106,7 @@ def _classify(state: ServerState, result: EngineResult, k: int) -> list[dict[str
     return [{"label": label, "score": score} for label, score in head.top_k(feats, k)[0]]
 
 
-@router.post("/v1/query", responses=ERROR_RESPONSES, openapi_extra=_MULTIPART,
+@router.post("/v1/query", responses=ERROR_RESPONSES, openapi_extra=_QUERY_FORM,
              summary="One uploaded image -> nearest indexed images (with thumbnails), labels and its patch PCA")
 async def query(request: Request, state: ServerState = Depends(get_state)) -> Response:
     start = time.perf_counter()
@@ -120,7 +129,7 @@ async def query(request: Request, state: ServerState = Depends(get_state)) -> Re
     return json_response(body)
 
 
-@router.post("/v1/pca", responses=ERROR_RESPONSES, openapi_extra=_MULTIPART,
+@router.post("/v1/pca", responses=ERROR_RESPONSES, openapi_extra=_PCA_FORM,
              summary="Patch-PCA pictures of uploaded images (one PCA fitted on all of them)")
 async def pca(request: Request, state: ServerState = Depends(get_state)) -> Response:
     start = time.perf_counter()
