@@ -62,7 +62,7 @@ demo: install data
 	@echo "== 4/6 k-NN: teacher vs distilled student vs raw pixels (tuxpaint leave-one-out; Fashion-MNIST 5k/2k subsets)"
 	$(DF) distill-eval $(DEMO)/distill --fmnist-train "fmnist:train[~5000@0]" --fmnist-test "fmnist:test[~2000@0]"
 	@echo "== 5/6 export the student to ONNX, gated by a parity report"
-	$(DF) export onnx $(DEMO)/distill/artifacts/vit192 --out $(DEMO)/onnx --knn-limit 500
+	$(DF) export onnx $(DEMO)/distill/artifacts/vit192 --out $(DEMO)/onnx --knn-limit 500 --patch-tokens
 	$(MAKE) --no-print-directory demo-serve
 	$(MAKE) --no-print-directory demo-search
 	@echo "demo done: outputs in $(DEMO)/ (photos/, distill/, distill/eval.json, onnx/parity.json, embeddings.npy)"
@@ -78,15 +78,17 @@ demo-serve: install
 
 # Last step of the demo: the search page. Index real photos with the demo's model, search once in headless
 # Chromium, save the screenshot. SEARCH_MODEL: an artifact or ONNX export (with --patch-tokens for the PCA view);
-# SEARCH_INPUT: a folder of photos (default: the real sample photos shipped in the foolbox wheel).
+# SEARCH_INPUT: a folder of photos (default: the real photos step 2 gathered); SEARCH_QUERY: the image searched
+# with (default: a real photo from the foolbox wheel's ImageNet samples; a folder: its largest file).
 SEARCH_MODEL ?= $(DEMO)/onnx
-SEARCH_INPUT ?= $(shell $(BIN)/python -c "import importlib.util, pathlib; \
-  spec = importlib.util.find_spec('foolbox'); print(pathlib.Path(list(spec.submodule_search_locations)[0]) / 'data')")
+SEARCH_INPUT ?= $(DEMO)/photos/images
+SEARCH_QUERY ?= $(shell $(BIN)/python -c "import importlib.util, pathlib; spec = importlib.util.find_spec('foolbox'); \
+  print(pathlib.Path(list(spec.submodule_search_locations)[0]) / 'data' / 'imagenet_09_455.jpg')")
 demo-search: install data
 	@echo "== search page: index the photos, open the page in headless Chromium, search once"
 	$(DF) index build --model $(SEARCH_MODEL) --input $(SEARCH_INPUT) --index $(DEMO)/search_index --no-progress
 	$(BIN)/python -m dinoforge.serve.page_browser --model $(SEARCH_MODEL) --index $(DEMO)/search_index \
-	  --query $(SEARCH_INPUT) --out $(DEMO)/search.png
+	  --query $(SEARCH_QUERY) --out $(DEMO)/search.png
 	@echo "search the photos in your browser: $(DF) serve --model $(SEARCH_MODEL) --index $(DEMO)/search_index" \
 	  "  then open http://127.0.0.1:8000/"
 
