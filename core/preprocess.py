@@ -203,7 +203,7 @@ def decode_image(source: bytes | str | Path | BinaryIO, *, max_pixels: int = DEF
                 raise ImageDecodeError(f"unsupported image format {img.format}")
             width, height = img.size
             check_image_budget(height, width, fit, max_pixels=max_pixels, max_resized_pixels=max_resized_pixels)
-            if getattr(img, "n_frames", 1) > 1:
+            if getattr(img, "is_animated", False):  # not n_frames: counting walks every frame of the file
                 img.seek(0)
             if fit is not None and img.format in ("JPEG", "MPO") and width * height > REDUCE_ABOVE_PIXELS:
                 img.draft(None, _reduced_request(width, height, fit))  # DCT scaling: 1/2, 1/4 or 1/8 decode

@@ -122,3 +122,15 @@ def test_mutated_files_are_decode_errors_never_crashes(fmt: str) -> None:
         except ImageDecodeError:
             continue
         assert img.mode == "RGB" and img.width > 0 and img.height > 0
+
+
+def test_an_animation_of_many_frames_is_not_walked_frame_by_frame() -> None:
+    frames = [Image.new("P", (1, 1), i % 256) for i in range(20_000)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=1, disposal=2)
+    import time
+
+    start = time.perf_counter()
+    for _ in range(20):
+        assert decode_image(buf.getvalue(), fit=CROP).size == (1, 1)
+    assert time.perf_counter() - start < 0.5  # counting the frames took ~80 ms per decode
