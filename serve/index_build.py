@@ -99,7 +99,7 @@ class _ThumbnailingSource(IndexedSource):
         return self.source.record(index)
 
     def _load_image(self, index: int, record: Record) -> Image.Image:
-        image = self.source._load_image(index, record)  # noqa: SLF001 - the same decoding, plus a side effect
+        image = self.source._load_image(index, record)  # the same decoding, plus a side effect
         if not thumb_path(self.index_dir, record.id).is_file():
             write_thumbnail(self.index_dir, record.id, image)
         return image
