@@ -42,7 +42,6 @@ data:
 DEMO     := runs/demo
 DF       := $(BIN)/dinoforge
 FIXTURES := ../shared/fixtures/dinov2
-DEMO_STEPS ?= 40
 
 demo: install data
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
@@ -52,11 +51,11 @@ demo: install data
 	@echo "== 2/6 gather the installed real photos and curate out every copy of an evaluation image"
 	$(DF) photos $(DEMO)/photos | tail -n 4
 	$(DF) curate --config curate/recipes/photos.yaml output=$(DEMO)/photos_curated pool=photos:$(DEMO)/photos \
-	  embed.num_workers=0 | tail -n 1
+	  | tail -n 1
 	$(DF) curate --config curate/recipes/photos_fmnist.yaml output=$(DEMO)/photos_clean \
 	  pool=manifest:$(DEMO)/photos_curated/manifest.csv | tail -n 1
-	@echo "== 3/6 distil the ImageNet MobileNetV2 teacher into a 3.7M-parameter ViT ($(DEMO_STEPS) steps; the full recipe: 60 min, docs/distill.md)"
-	$(DF) distill --config mnv2_photos run_dir=$(DEMO)/distill train.max_steps=$(DEMO_STEPS) \
+	@echo "== 3/6 distil the ImageNet MobileNetV2 teacher into a 3.7M-parameter ViT (schedule compressed to 40 steps; the full recipe: 60 min, docs/distill.md)"
+	$(DF) distill --config mnv2_photos run_dir=$(DEMO)/distill schedule.epochs=4 schedule.epoch_length=10 \
 	  "data.source=manifest:$(DEMO)/photos_clean/manifest.csv[*10]+fmnist:train[~10000@0]" \
 	  knn.at_end=false monitor.progress=false
 	@echo "== 4/6 k-NN: teacher vs distilled student vs raw pixels (tuxpaint leave-one-out; Fashion-MNIST 5k/2k subsets)"
@@ -95,8 +94,10 @@ demo-search: install data
 test: install data triton-env
 	$(BIN)/python -m pytest
 
+# Daily tier, under 5 minutes on 2 CPU cores: the suite minus the tests marked slow (> ~20 s each), distributed
+# (torchrun jobs) or integration (servers in their own process). `make test` runs them all, as CI does.
 test-fast: install data
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not distributed and not integration"
 
 bench: install data
 	$(BIN)/python -m pytest --co -q >/dev/null

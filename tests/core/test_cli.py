@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dinoforge.core.backbone import build_backbone
@@ -27,6 +28,7 @@ def test_help_lists_commands_without_importing_torch() -> None:
         assert command in out
 
 
+@pytest.mark.slow  # three CLI processes, ~20 s of CPU
 def test_convert_official_then_info(tmp_path: Path) -> None:
     torch.manual_seed(0)
     pth = tmp_path / "dinov2_vits14_like.pth"
@@ -39,6 +41,7 @@ def test_convert_official_then_info(tmp_path: Path) -> None:
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
 
+@pytest.mark.slow  # four CLI processes, ~25 s of CPU
 def test_bad_inputs_exit_2_with_a_message(tmp_path: Path) -> None:
     truncated = tmp_path / "t.pth"
     torch.save(build_backbone("test").state_dict(), truncated)

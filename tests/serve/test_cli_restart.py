@@ -34,6 +34,7 @@ def _add(url: str, images: list[bytes], start: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # `dinoforge serve` in its own process, killed and restarted
 def test_index_survives_sigkill_after_acknowledged_writes(tiny_artifact: Path, tmp_path: Path,
                                                           sample_bytes: list[bytes]) -> None:
     args = ["--model", str(tiny_artifact), "--index-dir", str(tmp_path / "index"), "--threads", "1"]
