@@ -152,3 +152,44 @@ def test_empty_index_is_explained(browser: Any, tiny_artifact: Path, stamps: Pat
         assert "index is empty" in _message(browser)
         assert upload(browser, next((stamps / "food").iterdir())) == "error"
         assert "404" in _message(browser) and "empty" in _message(browser)
+
+
+_DISPATCH = """
+    const [b64, kind, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], 'query.png', {type: 'image/png'}));
+    document.body.dataset.state = 'dispatched';
+    if (kind === 'drop') {
+        document.getElementById('drop').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    } else {
+        document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: transfer, bubbles: true, cancelable: true}));
+    }
+    done(true);
+"""
+
+
+def test_drop_and_paste_search_and_a_model_without_patch_tokens_is_explained(
+        browser: Any, tiny_artifact: Path, stamps: Path, tmp_path: Path) -> None:
+    import base64
+
+    export = tmp_path / "onnx"
+    assert cli_main(["export", "onnx", str(tiny_artifact), "--out", str(export), "--parity-limit", "4",
+                     "--knn-limit", "0"]) == 0  # no --patch-tokens
+    index = tmp_path / "index"
+    assert cli_main(["index", "build", "--model", str(export), "--input", str(stamps / "animals"), "--index",
+                     str(index), "--num-workers", "0", "--no-progress"]) == 0
+    query = sorted((stamps / "animals").iterdir())[2]
+    data = base64.b64encode(query.read_bytes()).decode("ascii")
+    with _server(export, index) as server:
+        browser.get(server.url + "/")
+        wait_state(browser, ("ready",))
+        for kind in ("drop", "paste"):
+            browser.execute_async_script(_DISPATCH, data, kind)
+            assert wait_state(browser, ("done", "error")) == "done", _message(browser)
+            assert result_ids(browser)[0] == query.name
+            caption = browser.find_element("id", "pca-caption").text
+            assert "no patch tokens" in caption and "--patch-tokens" in caption
+            assert canvas_colours(browser) == 0  # nothing drawn rather than a wrong picture
+        assert "no patch tokens" in browser.find_element("id", "card").text
