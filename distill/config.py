@@ -60,6 +60,9 @@ class TeacherConfig(StrictModel):
                                 "pkg:MODULE/path names a file inside an installed package")
     arch: str | None = Field(None, description="architecture name (artifact checkpoints: registered dinoforge "
                              "arch for what shapes cannot tell; torchvision / timm: the model name)")
+    key_map: Literal["names", "order"] = Field("names", description="torchvision / timm: match the file's "
+                                               "tensors by name, or by position (the same network saved by "
+                                               "another library; every shape is checked)")
     num_heads: int | None = Field(None, gt=0, description="checkpoints: attention heads (default width / 64)")
     patch_size: int | None = Field(None, gt=0, description="checkpoints: patch size (checked against the kernel)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 casts the teacher's weights (half memory)")

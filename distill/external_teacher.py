@@ -113,13 +113,36 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
 
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def rename_by_order(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                    where: str) -> dict[str, torch.Tensor]:
+    """``state`` renamed to ``own``'s keys by position: the same network written by another library (e.g.
+    EfficientNet-PyTorch's ``_blocks.0._depthwise_conv`` for timm's ``blocks.0.0.conv_dw``).
+
+    Raises:
+        CheckpointError: different tensor counts, or the first pair whose shapes differ (named).
+    """
+    if len(own) != len(state):
+        raise CheckpointError(f"{where}: key_map order needs as many tensors as the architecture has "
+                              f"({len(state)} in the file, {len(own)} in the model)")
+    for (mine, mine_t), (theirs, theirs_t) in zip(own.items(), state.items(), strict=True):
+        if mine_t.shape != theirs_t.shape:
+            raise CheckpointError(f"{where}: key_map order pairs {theirs} {tuple(theirs_t.shape)} with {mine} "
+                                  f"{tuple(mine_t.shape)}: the file does not follow the architecture's order")
+    return dict(zip(own, state.values(), strict=True))
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, *, by_order: bool = False) -> None:
     """``load_state_dict`` that names a few missing / unexpected / mis-shaped keys instead of a traceback.
+
+    Args:
+        by_order: pair tensors by position instead of by name (:func:`rename_by_order`).
 
     Raises:
         CheckpointError: any key or shape mismatch.
     """
     own = model.state_dict()
+    if by_order:
+        state = rename_by_order(own, state, where)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()

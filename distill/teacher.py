@@ -168,7 +168,8 @@ def load_external_teacher(cfg: TeacherConfig, views: ViewNorm) -> tuple[External
         count = 0
     else:
         model = build_architecture(cfg.kind, str(cfg.arch))
-        load_strict(model, read_state_dict(path), f"teacher {cfg.kind}:{cfg.arch} from {path}")
+        load_strict(model, read_state_dict(path), f"teacher {cfg.kind}:{cfg.arch} from {path}",
+                    by_order=cfg.key_map == "order")
         count = sum(p.numel() for p in model.parameters())
         teacher = TorchTeacher(model, cfg.kind, views, pre.mean, pre.std, pre.size, _DTYPES[cfg.precision])
     info = TeacherInfo(path=str(path), kind=f"{cfg.kind}:{cfg.arch}" if cfg.arch else cfg.kind,

