@@ -12,11 +12,7 @@ import torch
 
 from dinoforge.core.backbone import build_backbone
 from dinoforge.core.backbone.convert import dinoforge_to_official
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dinoforge.core.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+from tests.helpers import run_cli as run
 
 
 def test_help_lists_commands_without_importing_torch() -> None:
