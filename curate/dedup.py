@@ -111,11 +111,3 @@ def run_self_dedup(state: RunState, store: FeatureStore, feature: str, cfg: Dedu
         report.update(edges=edges, kept=n - report["removed"], seconds=round(time.perf_counter() - started, 3))
         atomic_write_json(state.path("dedup", "report.json"), report)
     return report
-
-
-def removed_rows(state: RunState) -> np.ndarray:
-    """Sorted pool rows dropped by self-deduplication (empty when the step is disabled or did not run)."""
-    path = state.root / "dedup" / "removed.parquet"
-    if not path.is_file():
-        return np.zeros(0, dtype=np.int64)
-    return np.sort(pq.read_table(path, columns=["row"])["row"].to_numpy()).astype(np.int64)

@@ -79,11 +79,3 @@ def run_relative_dedup(state: RunState, pool: FeatureStore, feature: str, eval_s
         report.update(removed=int(row.size), removed_per_set=per_set, seconds=round(time.perf_counter() - started, 3))
         atomic_write_json(state.path("relative", "report.json"), report)
     return report
-
-
-def removed_rows(state: RunState) -> np.ndarray:
-    """Sorted pool rows dropped by relative deduplication (empty when it did not run)."""
-    path = state.root / "relative" / "removed.parquet"
-    if not path.is_file():
-        return np.zeros(0, dtype=np.int64)
-    return np.sort(pq.read_table(path, columns=["row"])["row"].to_numpy()).astype(np.int64)

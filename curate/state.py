@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from dinoforge.core.fileio import atomic_write_json, atomic_write_text
@@ -47,6 +49,14 @@ class RunState:
         out = self.root.joinpath(*parts)
         out.parent.mkdir(parents=True, exist_ok=True)
         return out
+
+    def removed_rows(self, step: str) -> np.ndarray:
+        """Sorted pool rows that a deduplication ``step`` (``dedup``, ``relative``) wrote to its
+        ``removed.parquet``; empty when the step is disabled or did not run."""
+        path = self.root / step / "removed.parquet"
+        if not path.is_file():
+            return np.zeros(0, dtype=np.int64)
+        return np.sort(pq.read_table(path, columns=["row"])["row"].to_numpy()).astype(np.int64)
 
     def marker(self, step: str) -> dict[str, Any] | None:
         """The marker of ``step``, or ``None``."""
