@@ -78,7 +78,7 @@ async def _warm_up(state: ServerState) -> None:
             await state.engine.run_in_inference_thread(state.backend.warmup, sizes)
             log.info("warm-up (batch sizes %s) took %.2f s", sizes, time.perf_counter() - t0)
         state.ready = True
-    except Exception as err:  # noqa: BLE001 - a failed warm-up must show in /ready, not kill the server
+    except Exception as err:  # a failed warm-up must show in /ready, not kill the server
         state.load_error = f"warm-up failed: {type(err).__name__}: {err}"
         log.error(state.load_error, exc_info=err)
 

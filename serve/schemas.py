@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from dinoforge.serve.pooling import Pooling
+from dinoforge.core.pooling import Pooling
 
 
 class _Request(BaseModel):

@@ -11,11 +11,12 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from dinoforge.core.pooling import pooled_dim
 from dinoforge.serve.backends.base import Backend
 from dinoforge.serve.engine import EngineResult
 from dinoforge.serve.errors import InvalidInput, PayloadTooLarge
 from dinoforge.serve.images import check_count, decode_input
-from dinoforge.serve.pooling import PoolingOptions, pooled_dim
+from dinoforge.serve.pooling import PoolingOptions
 from dinoforge.serve.wire import encode_vector, encoded_bytes
 from dinoforge.serve.responses import ERROR_RESPONSES, json_response, timing, validation_message
 from dinoforge.serve.schemas import EmbeddingOptions, EmbeddingsRequest, EmbeddingsResponse, as_list
