@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from curate_payoff import foolbox_data, run_payoff  # noqa: E402
+from curate_payoff import foolbox_data, run_payoff
 
-from dinoforge.core.config import build_config  # noqa: E402
-from dinoforge.core.extract import write_feature_store  # noqa: E402
-from dinoforge.curate.config import CurateConfig  # noqa: E402
-from dinoforge.curate.pipeline import run_curation  # noqa: E402
+from dinoforge.core.config import build_config
+from dinoforge.core.extract import write_feature_store
+from dinoforge.curate.config import CurateConfig
+from dinoforge.curate.pipeline import run_curation
 
 
 def machine() -> dict[str, Any]:

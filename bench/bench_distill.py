@@ -80,7 +80,7 @@ def _config(teacher: Path, preset: dict[str, Any], students: list[Any], mode: st
     names = [_label(s) for s in students]
     data = {"run_dir": "unused", "mode": mode,
             "teacher": {"path": str(teacher), "precision": "bf16" if precision == "bf16" else "fp32"},
-            "students": [{"name": n, "backbone": _arch(s, preset["image"])} for n, s in zip(names, students)],
+            "students": [{"name": n, "backbone": _arch(s, preset["image"])} for n, s in zip(names, students, strict=True)],
             "crops": {"global_crops_size": preset["image"], "local_crops_size": preset["local"],
                       "local_crops_number": preset["n_local"], "blur_kernel_size": 3},
             "data": {"batch_size": preset["batch"]}, "train": {"device": device, "precision": precision}}

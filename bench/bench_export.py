@@ -129,7 +129,7 @@ def bench_artifact(path: Path, batches: list[int], resolution: int | None, iters
         for batch in batches:
             x = np.ascontiguousarray(x_all[:batch])
             for name, fn in runtimes.items():
-                median = statistics.median(_time(lambda f=fn: f(x), iters))  # type: ignore[misc]
+                median = statistics.median(_time(lambda f=fn, x=x: f(x), iters))
                 rows.append({"runtime": name, "batch": batch, "latency_ms": 1000 * median,
                              "images_per_s": batch / median})
                 print(f"  {art.card.name:>16s} {name:20s} batch {batch:3d}: {1000 * median:9.2f} ms "

@@ -62,7 +62,7 @@ def peak_matmul_flops(sizes: Sequence[int], *, device: torch.device, warmup: int
         a = torch.randn(n, n, device=device)
         b = torch.randn(n, n, device=device)
         out = torch.empty(n, n, device=device)
-        med = statistics.median(timed(lambda: torch.mm(a, b, out=out), warmup=warmup, repeats=repeats, sync=sync))
+        med = statistics.median(timed(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), warmup=warmup, repeats=repeats, sync=sync))
         best = max(best, (2.0 * n ** 3 / med, n))
     return best
 

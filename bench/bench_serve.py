@@ -110,7 +110,7 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- raw backends
-def bench_raw(backend, jpegs: list[bytes], c: int, seconds: float) -> dict:  # noqa: ANN001
+def bench_raw(backend, jpegs: list[bytes], c: int, seconds: float) -> dict:
     from dinoforge.core.preprocess import decode_image
 
     x = torch.stack([backend.pre(decode_image(jpegs[i % len(jpegs)])) for i in range(c)])  # pre-decoded [c, 3, H, W]
@@ -150,7 +150,7 @@ def start_serve(model: Path, args: argparse.Namespace) -> tuple[subprocess.Popen
     raise RuntimeError(f"dinoforge serve did not become ready (exit {proc.poll()})")
 
 
-async def _closed_loop(send, c: int, seconds: float) -> dict:  # noqa: ANN001
+async def _closed_loop(send, c: int, seconds: float) -> dict:
     lat: list[float] = []
     stop = time.perf_counter() + seconds
 
@@ -203,7 +203,7 @@ def start_pytriton(onnx_file: Path, args: argparse.Namespace) -> tuple[subproces
     raise RuntimeError(f"PyTriton exited with {proc.wait()}")
 
 
-def bench_triton(port: int, backend, jpegs: list[bytes], c: int, seconds: float) -> dict:  # noqa: ANN001
+def bench_triton(port: int, backend, jpegs: list[bytes], c: int, seconds: float) -> dict:
     import tritonclient.http as http
 
     from dinoforge.core.preprocess import decode_image
@@ -286,7 +286,7 @@ def _median_result(results: list[dict]) -> dict:
     return sorted(results, key=lambda r: r["img_per_s"])[len(results) // 2]
 
 
-def run_paired(rows: list[dict], system: str, levels: list[int], fn, raw_fn, rounds: int,  # noqa: ANN001
+def run_paired(rows: list[dict], system: str, levels: list[int], fn, raw_fn, rounds: int,
                raw_log: dict[int, list[dict]]) -> None:
     """Per level, ``rounds`` x (raw backend window, then ``system`` window); ratio = median of the pairs."""
     for c in levels:
@@ -311,7 +311,7 @@ def raw_rows(system: str, raw_log: dict[int, list[dict]]) -> list[dict]:
 
 
 def _with_server(model: Path, args: argparse.Namespace, rows: list[dict], system: str, jpegs: list[bytes],
-                 raw_fn, raw_log: dict[int, list[dict]]) -> None:  # noqa: ANN001
+                 raw_fn, raw_log: dict[int, list[dict]]) -> None:
     proc, url = start_serve(model, args)
     try:
         run_paired(rows, system, args.levels, lambda c: bench_serve(url, jpegs, c, args.seconds), raw_fn,

@@ -101,7 +101,7 @@ def test_existing_directory_is_not_overwritten_and_failed_write_leaves_nothing(t
         def state_dict(self, *a: object, **k: object) -> dict:
             return {"x": torch.zeros(1)}
 
-        def parameters(self, recurse: bool = True):  # noqa: ANN201
+        def parameters(self, recurse: bool = True):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):

@@ -73,7 +73,7 @@ def test_all_bad_batch_is_skipped(sample_images_dir: Path, tmp_path: Path) -> No
 class _MultiCrop:
     """A training-style transform returning two crops, raising ImageDecodeError on tiny images."""
 
-    def __call__(self, sample):  # noqa: ANN001, ANN204
+    def __call__(self, sample):
         if min(sample.image.size) < 30:
             raise ImageDecodeError("too small for the crops")
         return {"global": preprocess_image(sample.image, CFG), "id": sample.id}

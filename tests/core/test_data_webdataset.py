@@ -69,7 +69,7 @@ def test_samples_grouped_by_key(sample_images_dir: Path, tmp_path: Path) -> None
 def test_txt_labels_with_classes_file_and_nested_keys(sample_images_dir: Path, tmp_path: Path) -> None:
     png = next(sample_images_dir.glob("mnist_*.png")).read_bytes()
     with tarfile.open(tmp_path / "s.tar", "w") as tar:
-        for i, (name, text) in enumerate([("a", "cat"), ("b", "dog"), ("c", "7"), ("d", "zebra")]):
+        for name, text in [("a", "cat"), ("b", "dog"), ("c", "7"), ("d", "zebra")]:
             _add(tar, f"./dir/{name}.png", png)  # key "dir/a"
             _add(tar, f"./dir/{name}.seg.png", png)  # extension "seg.png": not the image, kept in meta
             _add(tar, f"./dir/{name}.txt", text.encode())

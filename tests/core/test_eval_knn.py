@@ -22,7 +22,7 @@ def _clustered(n: int, dim: int, classes: int, seed: int, spread: float = 1.5) -
     return centres[labels] + spread * torch.randn(n, dim, generator=g), labels
 
 
-def brute_force_scores(train_x, train_y, test_x, ks, temperature, classes):  # noqa: ANN001, ANN201
+def brute_force_scores(train_x, train_y, test_x, ks, temperature, classes):
     """Per query: every cosine similarity in float64, sort, sum exp(sim/T) votes of the k best."""
     out = {k: torch.zeros(len(test_x), classes, dtype=torch.float64) for k in ks}
     train = train_x.double()
@@ -101,7 +101,7 @@ def test_non_positive_vote_temperature_is_an_error(temperature: float) -> None:
         knn_class_scores(train_x, train_y, test_x, temperature=temperature)
 
 
-def _brute_recall(q, g, qk, gk, k, qids=None, gids=None):  # noqa: ANN001, ANN202
+def _brute_recall(q, g, qk, gk, k, qids=None, gids=None):
     """Per query: float64 cosine to every allowed gallery item, sort, look for a relevant key in the top k."""
     qn = q.double() / q.double().norm(dim=1, keepdim=True)
     gn = g.double() / g.double().norm(dim=1, keepdim=True)

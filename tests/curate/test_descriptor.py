@@ -24,7 +24,7 @@ def test_info_nce_matches_the_formula() -> None:
         target = [j for j in range(6) if j != i].index(pos)
         expected += -(logits[target] - torch.logsumexp(logits, 0)).item()
     assert info_nce(z, t).item() == pytest.approx(expected / 6, rel=1e-5)
-    nearest = torch.stack([min((torch.dist(z[i], z[j]) for j in range(6) if j != i)) for i in range(6)])
+    nearest = torch.stack([min(torch.dist(z[i], z[j]) for j in range(6) if j != i) for i in range(6)])
     assert koleo(z).item() == pytest.approx(-torch.log(nearest + 1e-8).mean().item(), rel=1e-4)
 
 

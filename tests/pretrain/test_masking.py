@@ -46,7 +46,7 @@ def test_global_random_module_gives_the_same_stream_as_a_seeded_instance() -> No
     from_module = [collate_masks(8, generator)["masks"] for _ in range(5)]  # official: the global stream
     rng = random.Random(123)
     from_instance = [collate_masks(8, generator, rng=rng)["masks"] for _ in range(5)]
-    assert all(torch.equal(a, b) for a, b in zip(from_module, from_instance))
+    assert all(torch.equal(a, b) for a, b in zip(from_module, from_instance, strict=True))
 
 
 def test_official_rectangle_cap_quirk() -> None:

@@ -68,7 +68,7 @@ def test_limits_are_413_with_reasons(fake_client: httpx.Client, sample_bytes: li
 
 
 def test_chunked_body_over_the_limit_is_413(fake_client: httpx.Client) -> None:
-    def chunks():  # noqa: ANN202 - a streamed body has no Content-Length
+    def chunks():
         for _ in range(40):
             yield b"x" * 65536
 
@@ -198,7 +198,7 @@ def test_not_ready_is_503_until_warm_up_finishes(sample_bytes: list[bytes]) -> N
 
 def test_runtime_fault_is_500_without_traceback_and_server_survives(sample_bytes: list[bytes]) -> None:
     class Faulty(FakeBackend):
-        def core(self, pixels):  # noqa: ANN001, ANN201
+        def core(self, pixels):
             if float(pixels.mean()) > 1.5:  # a very bright image trips a (simulated) runtime bug
                 raise RuntimeError("simulated kernel failure")
             return super().core(pixels)

@@ -21,11 +21,11 @@ def _reference(backend: FakeBackend, data: bytes) -> torch.Tensor:
     return backend.core(x).cls[0]
 
 
-def _run(coro):  # noqa: ANN001, ANN202
+def _run(coro):
     return asyncio.run(coro)
 
 
-async def _with_engine(backend: FakeBackend, body, **kwargs):  # noqa: ANN001, ANN003, ANN202
+async def _with_engine(backend: FakeBackend, body, **kwargs):
     engine = BatchingEngine(backend, **kwargs)
     await engine.start()
     try:
@@ -38,7 +38,7 @@ def test_concurrent_requests_share_batches_and_keep_their_own_results(sample_byt
     backend = FakeBackend(delay_s=0.05)
     images = sample_bytes[:8]
 
-    async def body(engine: BatchingEngine):  # noqa: ANN202
+    async def body(engine: BatchingEngine):
         return await asyncio.gather(*(engine.submit([img], timeout_s=10) for img in images))
 
     results = _run(_with_engine(backend, body, max_batch_size=8, max_queue_delay_s=0.2))
@@ -53,7 +53,7 @@ def test_batches_never_exceed_max_batch_size_and_order_is_kept(sample_bytes: lis
     backend = FakeBackend()
     images = sample_bytes[:20]
 
-    async def body(engine: BatchingEngine):  # noqa: ANN202
+    async def body(engine: BatchingEngine):
         return await engine.submit(images, timeout_s=10)
 
     res = _run(_with_engine(backend, body, max_batch_size=8, max_queue_delay_s=0.01))
@@ -69,7 +69,7 @@ def test_images_of_different_sizes_are_batched_by_shape() -> None:
     sizes = [(40, 40), (80, 40), (40, 40), (40, 80), (80, 40)]
     images = [encode(Image.new("RGB", s, (i * 40, 255 - i * 40, 90))) for i, s in enumerate(sizes)]
 
-    async def body(engine: BatchingEngine):  # noqa: ANN202
+    async def body(engine: BatchingEngine):
         return await engine.submit(images, timeout_s=10)
 
     res = _run(_with_engine(backend, body, max_batch_size=8, max_queue_delay_s=0.05))
@@ -83,7 +83,7 @@ def test_images_of_different_sizes_are_batched_by_shape() -> None:
 def test_full_queue_answers_overloaded_with_retry_after(sample_bytes: list[bytes]) -> None:
     backend = FakeBackend(delay_s=0.3)
 
-    async def body(engine: BatchingEngine):  # noqa: ANN202
+    async def body(engine: BatchingEngine):
         first = asyncio.create_task(engine.submit(sample_bytes[:4], timeout_s=10))
         await asyncio.sleep(0.05)
         with pytest.raises(Overloaded) as err:
@@ -100,7 +100,7 @@ def test_full_queue_answers_overloaded_with_retry_after(sample_bytes: list[bytes
 def test_deadline_exceeded_and_engine_recovers(sample_bytes: list[bytes]) -> None:
     backend = FakeBackend(delay_s=0.3)
 
-    async def body(engine: BatchingEngine):  # noqa: ANN202
+    async def body(engine: BatchingEngine):
         with pytest.raises(DeadlineExceeded):
             await engine.submit(sample_bytes[:2], timeout_s=0.05)
         ok = await engine.submit(sample_bytes[:1], timeout_s=10)
@@ -114,7 +114,7 @@ def test_deadline_exceeded_and_engine_recovers(sample_bytes: list[bytes]) -> Non
 def test_bad_images_fail_their_request_only(sample_bytes: list[bytes]) -> None:
     backend = FakeBackend()
 
-    async def body(engine: BatchingEngine):  # noqa: ANN202
+    async def body(engine: BatchingEngine):
         with pytest.raises(InvalidInput, match=r"input\[1\]"):
             await engine.submit([sample_bytes[0], b"definitely not an image"], timeout_s=10)
         with pytest.raises(PayloadTooLarge, match=r"input\[0\].*pixels"):
@@ -129,13 +129,13 @@ def test_backend_failure_becomes_inference_failed_and_engine_keeps_serving(sampl
     class Flaky(FakeBackend):
         calls = 0
 
-        def core(self, pixels: torch.Tensor):  # noqa: ANN201
+        def core(self, pixels: torch.Tensor):
             Flaky.calls += 1
             if Flaky.calls == 1:
                 raise RuntimeError("simulated runtime fault")
             return super().core(pixels)
 
-    async def body(engine: BatchingEngine):  # noqa: ANN202
+    async def body(engine: BatchingEngine):
         with pytest.raises(InferenceFailed, match="simulated runtime fault"):
             await engine.submit(sample_bytes[:1], timeout_s=10)
         return await engine.submit(sample_bytes[:2], timeout_s=10)

@@ -38,7 +38,7 @@ def exports(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     return {"float": root / "float", "uint8": root / "uint8"}
 
 
-def _torch_features(art, images: list[bytes], pre) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+def _torch_features(art, images: list[bytes], pre) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = torch.stack([preprocess_image(decode_image(b), pre) for b in images])
     with torch.inference_mode():
         out = art.backbone.forward_dino(x)

@@ -29,7 +29,7 @@ FMNIST_CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "s
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_artifact: Path):  # noqa: ANN201
+def reference(tiny_artifact: Path):
     """``bytes -> {"cls": [D], "mean": [D], "patch": [N, D]}`` computed directly with the backbone."""
     art = load_artifact(tiny_artifact)
 
@@ -89,7 +89,7 @@ def _vectors(response: httpx.Response) -> np.ndarray:
 
 
 def test_embeddings_match_the_backbone_for_every_pooling(client: httpx.Client, sample_bytes: list[bytes],
-                                                         reference) -> None:  # noqa: ANN001
+                                                         reference) -> None:
     images = sample_bytes[::7]  # CIFAR RGB 32 px, MNIST grey 28 px, ImageNet 512 px
     refs = [reference(b) for b in images]
     for pooling in ("cls", "mean", "cls+mean"):
@@ -105,7 +105,7 @@ def test_embeddings_match_the_backbone_for_every_pooling(client: httpx.Client, s
 
 
 def test_response_shape_usage_timing_and_patch_tokens(client: httpx.Client, sample_bytes: list[bytes],
-                                                      reference) -> None:  # noqa: ANN001
+                                                      reference) -> None:
     r = client.post("/v1/embeddings", json={"input": f"data:image/png;base64,{b64(sample_bytes[3])}",
                                             "return_patch_tokens": True, "model": "tiny-test"})
     assert r.status_code == 200, r.text
@@ -121,7 +121,7 @@ def test_response_shape_usage_timing_and_patch_tokens(client: httpx.Client, samp
     assert timing["total_ms"] >= timing["inference_ms"] > 0
 
 
-def test_upload_of_jpegs_equals_the_json_route(client: httpx.Client, fmnist_dir: Path, reference) -> None:  # noqa: ANN001
+def test_upload_of_jpegs_equals_the_json_route(client: httpx.Client, fmnist_dir: Path, reference) -> None:
     jpegs, _ = fmnist_images(fmnist_dir, 12, fmt="JPEG")
     files = [("file", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(jpegs)]
     uploaded = _vectors(client.post("/v1/embeddings/upload", files=files, data={"pooling": "mean"}))
@@ -148,7 +148,7 @@ def test_concurrent_requests_are_batched_without_changing_results(client: httpx.
 
 
 def test_classify_matches_the_dinov2_knn_protocol(client: httpx.Client, knn_head: Path, labelled_dir: Path,
-                                                  fmnist_dir: Path, reference) -> None:  # noqa: ANN001
+                                                  fmnist_dir: Path, reference) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(knn_head / "head.safetensors"))
@@ -170,7 +170,7 @@ def test_classify_matches_the_dinov2_knn_protocol(client: httpx.Client, knn_head
         assert preds[0]["score"] == pytest.approx(float(row.max()), abs=1e-5)
 
 
-def test_index_search_replace_delete(client: httpx.Client, sample_bytes: list[bytes], reference) -> None:  # noqa: ANN001
+def test_index_search_replace_delete(client: httpx.Client, sample_bytes: list[bytes], reference) -> None:
     images = sample_bytes[:30]
     items = [{"id": f"img/{i}", "image": b64(b), "metadata": {"n": i}} for i, b in enumerate(images)]
     r = client.post("/v1/index", json={"items": items})

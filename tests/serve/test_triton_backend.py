@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
-def triton(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory, sample_images_dir: Path):  # noqa: ANN201
+def triton(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory, sample_images_dir: Path):
     from dinoforge.export.triton_server import DEFAULT_VENV, TritonServer
 
     if not (DEFAULT_VENV / "bin" / "python").is_file():
@@ -44,7 +44,7 @@ def local_reference(tiny_artifact: Path, sample_bytes: list[bytes]) -> dict:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_serve_in_front_of_triton_equals_local_backend(triton, local_reference: dict, protocol: str) -> None:  # noqa: ANN001
+def test_serve_in_front_of_triton_equals_local_backend(triton, local_reference: dict, protocol: str) -> None:
     server, model_dir = triton
     url = server.url if protocol == "http" else f"127.0.0.1:{server.grpc_port}"
     # the options exactly as `dinoforge serve --backend triton ...` parses them
@@ -63,7 +63,7 @@ def test_serve_in_front_of_triton_equals_local_backend(triton, local_reference: 
         assert bad.status_code == 422
 
 
-def test_triton_backend_errors_are_clear(triton) -> None:  # noqa: ANN001
+def test_triton_backend_errors_are_clear(triton) -> None:
     server, model_dir = triton
     dead = f"127.0.0.1:{free_port()}"
     with pytest.raises(BackendError, match="cannot reach Triton|not ready"):
