@@ -8,11 +8,13 @@ DEB_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default chromium chromium-
                 scratch opencv-doc plasma-workspace-wallpapers mate-backgrounds gnome-backgrounds
 INSTALL_STAMP := $(VENV)/.install-stamp
 
-.PHONY: all install data demo demo-serve demo-search test test-fast bench clean help triton-env
+.PHONY: all install data demo demo-serve demo-search test test-fast lint bench clean help triton-env
 
 help:
 	@echo "make demo   - run the end-to-end demo on real data (installs what it needs)"
 	@echo "make test   - run the full test suite (installs what it needs)"
+	@echo "make test-fast - the daily tier (< 5 min): no slow, distributed or integration tests"
+	@echo "make lint   - ruff and the import contracts (part of make test)"
 	@echo "make bench  - run the benchmarks of bench/ (slow; results go to docs/benchmarks.md by hand)"
 
 $(INSTALL_STAMP): pyproject.toml setup.py
@@ -91,12 +93,17 @@ demo-search: install data
 	@echo "search the photos in your browser: $(DF) serve --model $(SEARCH_MODEL) --index $(DEMO)/search_index" \
 	  "  then open http://127.0.0.1:8000/"
 
-test: install data triton-env
+test: install data triton-env lint
 	$(BIN)/python -m pytest
+
+# The house rules: ruff's rule set (ruff.toml) and the stage boundaries and no import loops (.importlinter).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 # Daily tier, under 5 minutes on 2 CPU cores: the suite minus the tests marked slow (> ~20 s each), distributed
 # (torchrun jobs) or integration (servers in their own process). `make test` runs them all, as CI does.
-test-fast: install data
+test-fast: install data lint
 	$(BIN)/python -m pytest -m "not slow and not distributed and not integration"
 
 bench: install data
