@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,8 @@ def _random_artifacts(root: Path) -> list[Path]:
 
 
 def _runtimes(art: Artifact, hw: tuple[int, int], calib: np.ndarray, threads: int
-              ) -> dict[str, Callable[[np.ndarray], object]]:
+              ) -> tuple[dict[str, Callable[[np.ndarray], object]], dict[str, Any]]:
+    """The CPU runtimes to time, and the ONNX Runtime sessions behind them (reused by the int8 k-NN check)."""
     backbone = art.backbone
     compiled = torch.compile(backbone.forward_features, dynamic=False)  # one graph per batch size
     fp32, _ = export_module(ExportableViT(backbone, hw))
@@ -76,7 +78,7 @@ def _runtimes(art: Artifact, hw: tuple[int, int], calib: np.ndarray, threads: in
         "torch_eager_fp32": torch_fn(backbone.forward_features), "torch_compiled_fp32": torch_fn(compiled)}
     for name, session in sessions.items():
         runtimes[name] = lambda x, s=session: s.run(None, {"pixel_values": x})
-    return runtimes | {"_sessions": sessions}  # type: ignore[dict-item]
+    return runtimes, sessions
 
 
 def _gpu_runtimes(art: Artifact, device: str) -> dict[str, Callable[[np.ndarray], object]]:
@@ -120,8 +122,7 @@ def bench_artifact(path: Path, batches: list[int], resolution: int | None, iters
     images = load_images(default_image_dir(), max(batches) + 32)
     x_all = pixels_to_input(to_pixels(images, pre, hw), pre).numpy()
     if device == "cpu":
-        runtimes = _runtimes(art, hw, x_all[-32:], threads)
-        sessions = runtimes.pop("_sessions")
+        runtimes, sessions = _runtimes(art, hw, x_all[-32:], threads)
     else:
         runtimes, sessions, knn = _gpu_runtimes(art, device), {}, 0
     rows = []

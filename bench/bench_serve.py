@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import IO, cast
 
 import httpx
 import numpy as np
@@ -197,7 +198,7 @@ def start_pytriton(onnx_file: Path, args: argparse.Namespace) -> tuple[subproces
            str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(free_port()),
            "--max-batch-size", str(args.max_batch_size), "--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:  # type: ignore[union-attr]
+    for line in cast(IO[str], proc.stdout):  # set: stdout=PIPE, text=True
         if line.strip() == "READY":
             return proc, http_port
     raise RuntimeError(f"PyTriton exited with {proc.wait()}")

@@ -35,7 +35,7 @@ from dinoforge.serve.backends import create_backend
 from dinoforge.serve.backends.base import Backend
 from dinoforge.serve.backends.exported import ExportedBackend
 from dinoforge.serve.index_store import IndexStore
-from dinoforge.core.pooling import pooled_dim
+from dinoforge.core.pooling import Pooling, pooled_dim
 from dinoforge.serve.pooling import PoolingOptions
 from dinoforge.serve.settings import ServeSettings
 from dinoforge.serve.thumbnails import thumb_path, write_thumbnail
@@ -67,14 +67,14 @@ def open_backend(model: Path, threads: int | None = None) -> Backend:
     return create_backend(ServeSettings(model=model, warmup=False, intra_op_threads=threads))
 
 
-def external_model(backend: Backend, pooling: str) -> ExternalModel:
+def external_model(backend: Backend, pooling: Pooling) -> ExternalModel:
     """The backend as the extraction engine's model: its preprocessing contract and its pooled, normalised
     vectors (``{pooling: [B, D']}``), exactly as the server pools a query."""
     pre = backend.info.preprocessing
     uint8 = isinstance(backend, ExportedBackend) and backend.contract.uint8_input
     if uint8:  # the graph normalises itself: the loader hands over raw 0-255 values, made uint8 below
         pre = pre.model_copy(update={"mean": (0.0, 0.0, 0.0), "std": (1 / 255,) * 3})
-    options = PoolingOptions(pooling=pooling, normalize=True)  # type: ignore[arg-type]
+    options = PoolingOptions(pooling=pooling, normalize=True)
 
     def compute(pixels: torch.Tensor) -> dict[str, np.ndarray]:  # [B, 3, H, W] -> {pooling: [B, D']}
         x = pixels.round().clamp_(0, 255).to(torch.uint8) if uint8 else pixels

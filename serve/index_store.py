@@ -27,6 +27,7 @@ import numpy as np
 
 from dinoforge.core.errors import ConfigError, DinoforgeError
 from dinoforge.core.fileio import atomic_write_json
+from dinoforge.core.pooling import Pooling
 from dinoforge.serve.index_kinds import ApproxIndex, FlatIndex, load_index
 
 log = logging.getLogger("dinoforge.serve.index")
@@ -56,7 +57,7 @@ class IndexStore:
         exact_limit: above this many vectors, search goes through ``core.index`` (approximate).
     """
 
-    def __init__(self, root: str | Path, *, dim: int, pooling: str, model_sha256: str,
+    def __init__(self, root: str | Path, *, dim: int, pooling: Pooling, model_sha256: str,
                  exact_limit: int = 200_000) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)

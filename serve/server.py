@@ -45,6 +45,8 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
     class GuardedH11Protocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
 
+        # asyncio.Protocol takes any BaseTransport; uvicorn's H11Protocol narrows it to Transport (under the
+        # same ignore), and this override keeps uvicorn's signature since it writes to and closes the socket.
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:

@@ -109,7 +109,7 @@ def write_neighbours(backend: Backend, index_dir: Path, queries: list[Path], out
             raise DataError(f"the index at {index_dir} is empty; build it with `dinoforge index build`")
         side = TILE // 2
         sheet = Image.new("RGB", ((k + 1) * side, len(queries) * (side + LABEL_H)), (255, 255, 255))
-        options = PoolingOptions(pooling=pooling, normalize=True)  # type: ignore[arg-type]
+        options = PoolingOptions(pooling=pooling, normalize=True)
         for row, path in enumerate(queries):
             image = _load(path)
             vector = backend.post(backend.core(backend.pre(image)[None]), options).numpy()  # [1, D']

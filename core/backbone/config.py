@@ -6,11 +6,14 @@ in every model card (``model.json``) so an artifact can be rebuilt without knowi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dinoforge.core.errors import ConfigError
+
+if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 only
+    from typing_extensions import Unpack
 
 
 class BackboneConfig(BaseModel):
@@ -76,12 +79,21 @@ class BackboneConfig(BaseModel):
         return 1 + self.num_register_tokens
 
 
-def _official(embed_dim: int, depth: int, num_heads: int, patch: int = 14, **kw: object) -> BackboneConfig:
+class _Registers(TypedDict, total=False):
+    """Register-token fields of a named variant (keyword arguments of :func:`_official`)."""
+
+    num_register_tokens: int
+    interpolate_offset: float
+    interpolate_antialias: bool
+
+
+def _official(embed_dim: int, depth: int, num_heads: int, patch: int = 14, *, ffn: Literal["mlp", "swiglu"] = "mlp",
+              **registers: Unpack[_Registers]) -> BackboneConfig:
     return BackboneConfig(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch,
-                          img_size=37 * patch, **kw)  # type: ignore[arg-type]
+                          img_size=37 * patch, ffn=ffn, **registers)
 
 
-_REG = {"num_register_tokens": 4, "interpolate_offset": 0.0, "interpolate_antialias": True}
+_REG: _Registers = {"num_register_tokens": 4, "interpolate_offset": 0.0, "interpolate_antialias": True}
 
 #: Named architectures. ``*14`` follow the official hub models; ``test*`` are tiny variants for CI.
 ARCHITECTURES: dict[str, BackboneConfig] = {
@@ -101,7 +113,7 @@ ARCHITECTURES: dict[str, BackboneConfig] = {
     # Tiny registered models for tests and CPU recipes (width 64, depth 2).
     "test": BackboneConfig(embed_dim=64, depth=2, num_heads=2, patch_size=14, img_size=56, layerscale_init=1.0),
     "test_reg4": BackboneConfig(embed_dim=64, depth=2, num_heads=2, patch_size=14, img_size=56,
-                                layerscale_init=1.0, **_REG),  # type: ignore[arg-type]
+                                layerscale_init=1.0, **_REG),
     "test_p16": BackboneConfig(embed_dim=64, depth=2, num_heads=2, patch_size=16, img_size=64, layerscale_init=1.0),
 }
 

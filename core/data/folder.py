@@ -92,4 +92,4 @@ class ImageFolderSource(IndexedSource):
         return Record(id=rel, path=str(self.root / rel), label=self._labels[index])
 
     def _load_image(self, index: int, record: Record) -> Image.Image:
-        return decode_image(Path(record.path), max_pixels=self.max_pixels)  # type: ignore[arg-type]
+        return decode_image(self.root / self.files[index], max_pixels=self.max_pixels)  # = record.path

@@ -8,9 +8,9 @@ samples are all bad are skipped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import torch
 from PIL import Image
@@ -162,7 +162,9 @@ class SkippingLoader(Generic[T]):
     @property
     def num_samples(self) -> int | None:
         """Entries of an indexed dataset (bad ones included), ``None`` for streams."""
-        return None if isinstance(self.dataset, IterableDataset) else len(self.dataset)  # type: ignore[arg-type]
+        if isinstance(self.dataset, IterableDataset):
+            return None
+        return len(cast(Sized, self.dataset))  # a map-style dataset has __len__; torch's Dataset does not declare it
 
     def __len__(self) -> int:
         return len(self._loader)

@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from PIL import Image
@@ -190,8 +191,11 @@ def build_photos(out_dir: str | Path, *, short_side: int = 512, min_side: int = 
     return report
 
 
-def open_photos(folder: str | Path, **options: object) -> ManifestSource:
+def open_photos(folder: str | Path, **options: Any) -> ManifestSource:
     """The collection written by :func:`build_photos` as a (manifest) data source.
+
+    ``options`` are :class:`ManifestSource` keyword arguments from a data spec, passed through unchecked: an
+    unknown name raises ``TypeError``, which :func:`~dinoforge.core.data.spec.open_source` reports as a DataError.
 
     Raises:
         DataError: the folder holds no photo manifest.
@@ -200,6 +204,6 @@ def open_photos(folder: str | Path, **options: object) -> ManifestSource:
     if not manifest.is_file():
         raise DataError(f"photos:{folder}: no {MANIFEST_NAME} there; build the collection first with "
                         f"`dinoforge photos {folder}`")
-    source = ManifestSource(manifest, **options)  # type: ignore[arg-type]
+    source = ManifestSource(manifest, **options)
     source.spec = f"photos:{Path(folder).expanduser().resolve()}"
     return source

@@ -128,9 +128,10 @@ def open_source(spec: str | Path | DataSource, *, classes: Sequence[str] | None 
 
 
 def _join(sources: list[DataSource], spec: str) -> DataSource:
-    if not all(isinstance(s, IndexedSource) for s in sources):
+    indexed = [s for s in sources if isinstance(s, IndexedSource)]
+    if len(indexed) != len(sources):
         raise DataError(f"{spec!r}: only indexed sources (not wds streams) can be joined with '+'")
-    return ConcatSource(sources)  # type: ignore[arg-type]
+    return ConcatSource(indexed)
 
 
 def _construct(parsed: SourceSpec, classes: Sequence[str] | None, options: dict[str, Any]) -> DataSource:

@@ -67,4 +67,4 @@ class TuxpaintSource(IndexedSource):
         return Record(id=path.relative_to(self.root).as_posix(), path=str(path), label=label)
 
     def _load_image(self, index: int, record: Record) -> Image.Image:
-        return fit_on_white(decode_image(Path(record.path)), self.size)  # type: ignore[arg-type]
+        return fit_on_white(decode_image(self._items[index][0]), self.size)  # = record.path

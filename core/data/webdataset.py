@@ -66,7 +66,10 @@ def _iter_tar(shard: Path) -> Iterator[tuple[str, dict[str, bytes]] | BadSample]
                     continue
                 stem, ext = base.split(".", 1)
                 member_key = posixpath.join(posixpath.dirname(name), stem)
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                handle = tar.extractfile(member)
+                if handle is None:  # only for members that are not regular files, already skipped above
+                    continue
+                data = handle.read()
                 if member_key != key:
                     if key is not None:
                         yield key, parts

@@ -65,9 +65,10 @@ def retrieval_recall(query_x: torch.Tensor, gallery_x: torch.Tensor,
         raise DataError(f"recall cut-offs must be positive, got {list(ks)}")
     device = torch.device(device) if device is not None else query_x.device
     q_codes, g_codes = (c.to(device) for c in _codes(query_keys, gallery_keys))
-    exclude = query_ids is not None and gallery_ids is not None
-    if exclude:
-        q_ids, g_ids = (c.to(device) for c in _codes(list(query_ids), list(gallery_ids)))  # type: ignore[arg-type]
+    ids = None
+    if query_ids is not None and gallery_ids is not None:
+        q_ids, g_ids = _codes(list(query_ids), list(gallery_ids))
+        ids = q_ids.to(device), g_ids.to(device)
     gallery = F.normalize(gallery_x.to(device, torch.float32), dim=1)  # [G, D]
     max_k = min(max(ks), len(gallery))
     hits = {int(k): 0 for k in ks}
@@ -75,11 +76,11 @@ def retrieval_recall(query_x: torch.Tensor, gallery_x: torch.Tensor,
     for start in range(0, len(query_x), chunk_size):
         stop = start + chunk_size
         sims = F.normalize(query_x[start:stop].to(device, torch.float32), dim=1) @ gallery.T  # [m, G]
-        if exclude:
-            sims.masked_fill_(q_ids[start:stop, None] == g_ids[None, :], float("-inf"))
         relevant = q_codes[start:stop, None] == g_codes[None, :]  # [m, G]
-        if exclude:
-            relevant &= q_ids[start:stop, None] != g_ids[None, :]
+        if ids is not None:
+            same_id = ids[0][start:stop, None] == ids[1][None, :]  # [m, G]
+            sims.masked_fill_(same_id, float("-inf"))
+            relevant &= ~same_id
         without += int((~relevant.any(dim=1)).sum())
         top = sims.topk(max_k, dim=1).indices  # [m, K]
         found = relevant.gather(1, top)  # [m, K]

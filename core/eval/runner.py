@@ -75,7 +75,7 @@ def run_knn(model: EvalModel, train: str | DataSource, test: str | DataSource | 
     check_knn_settings(ks, temperature)
     started = time.perf_counter()
     loo = test is None
-    train_src, test_src = (open_source(train), None) if loo else open_pair(train, test)  # type: ignore[arg-type]
+    train_src, test_src = (open_source(train), None) if test is None else open_pair(train, test)
     kw = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
     train_f = _features(model, train_src, desc=f"train {train_src.spec}", **kw)
     test_f = train_f if test_src is None else _features(model, test_src, desc=f"test {test_src.spec}", **kw)

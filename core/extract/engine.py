@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dinoforge.core.data import DataSource, IndexedSource, SkipStats, open_source
+from dinoforge.core.data import DataSource, IndexedSource, SkipStats, WebDatasetSource, open_source
 from dinoforge.core.errors import ConfigError
 from dinoforge.core.eval.features import autocast_context
 from dinoforge.core.eval.model import load_eval_model
@@ -141,7 +141,8 @@ def _loader(source: DataSource, units: list[Unit], model: Any, config: ExtractCo
     kwargs = {"batch_size": config.batch_size, "num_workers": config.num_workers}
     if isinstance(source, IndexedSource):
         return indexed_loader(source, units, model.preprocess, **kwargs)
-    return tar_loader(source, units, model.preprocess, **kwargs)  # type: ignore[arg-type]
+    # plan_units already refused every streaming source but a WebDataset (DataError)
+    return tar_loader(cast(WebDatasetSource, source), units, model.preprocess, **kwargs)
 
 
 def _consume(batch: UnitBatch, open_units: dict[int, _OpenUnit], by_index: dict[int, Unit], out_dir: Path,

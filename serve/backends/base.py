@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from dinoforge.core.pooling import Pooling
 from dinoforge.core.preprocess import PreprocessConfig, output_size, preprocess_image
 from dinoforge.serve.pooling import PoolingOptions, pool
 
@@ -32,7 +33,7 @@ class ModelInfo:
     name: str
     embed_dim: int
     preprocessing: PreprocessConfig
-    default_pooling: str = "cls"
+    default_pooling: Pooling = "cls"
     weights_sha256: str = ""
     patch_size: int = 14
 
@@ -68,10 +69,10 @@ class Features:
     @staticmethod
     def cat(rows: list[Features]) -> Features:
         """Concatenate batches (patch tokens kept only when every row has them with one shape)."""
-        patches = [r.patch for r in rows]
-        same = all(p is not None for p in patches) and len({tuple(p.shape[1:]) for p in patches}) == 1
+        patches = [r.patch for r in rows if r.patch is not None]
+        same = len(patches) == len(rows) and len({tuple(p.shape[1:]) for p in patches}) == 1
         return Features(cls=torch.cat([r.cls for r in rows]), mean=torch.cat([r.mean for r in rows]),
-                        patch=torch.cat(patches) if same else None)  # type: ignore[arg-type]
+                        patch=torch.cat(patches) if same else None)
 
 
 class Backend(ABC):

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from dinoforge.core.pooling import pooled_dim
+from dinoforge.core.pooling import Pooling, pooled_dim
 from dinoforge.serve.backends.base import Backend
 from dinoforge.serve.engine import EngineResult
 from dinoforge.serve.errors import InvalidInput, PayloadTooLarge
@@ -30,13 +30,14 @@ UPLOAD_OPTIONS = ("model", "encoding_format", "dimensions", "pooling", "normaliz
 _ITEM_OVERHEAD, _BODY_OVERHEAD = 160, 1024
 
 
-def pooling_options(backend: Backend, pooling: str | None, normalize: bool, dimensions: int | None) -> PoolingOptions:
+def pooling_options(backend: Backend, pooling: Pooling | None, normalize: bool,
+                    dimensions: int | None) -> PoolingOptions:
     """Validate request options against the served model (422 with a reason)."""
     pooling = pooling or backend.info.default_pooling
     full = pooled_dim(backend.info.embed_dim, pooling)
     if dimensions is not None and dimensions > full:
         raise InvalidInput(f"dimensions={dimensions} is larger than the {pooling} embedding ({full})")
-    return PoolingOptions(pooling=pooling, normalize=normalize, dimensions=dimensions)  # type: ignore[arg-type]
+    return PoolingOptions(pooling=pooling, normalize=normalize, dimensions=dimensions)
 
 
 def _patch_item(row_patch: np.ndarray, size: tuple[int, int], patch_size: int,

@@ -101,7 +101,7 @@ def _classify(state: ServerState, result: EngineResult, k: int) -> list[dict[str
     head, backend = state.head, state.backend
     if head is None or backend is None:
         return None
-    options = PoolingOptions(pooling=head.card.pooling, normalize=False)  # type: ignore[arg-type]
+    options = PoolingOptions(pooling=head.card.pooling, normalize=False)
     feats = torch.from_numpy(state.pooled(result, options))  # [1, D'] raw: the head normalises as it was built
     return [{"label": label, "score": score} for label, score in head.top_k(feats, k)[0]]
 
@@ -115,7 +115,7 @@ async def query(request: Request, state: ServerState = Depends(get_state)) -> Re
     files, values = await _read_form(request, ("top_k",), limit=1)
     top_k = _int_field(values, "top_k", 12, state.settings.max_top_k)
     result = await state.embed(request, files)
-    vector = state.pooled(result, PoolingOptions(pooling=index.pooling, normalize=True))  # type: ignore[arg-type]
+    vector = state.pooled(result, PoolingOptions(pooling=index.pooling, normalize=True))
     hits = (await run_in_threadpool(index.search, vector, top_k))[0]
     matches = [{"id": name, "score": score, "metadata": meta,
                 "thumbnail": thumbnail_data_uri(state.settings.index_dir, name)} for name, score, meta in hits]

@@ -28,7 +28,7 @@ def _index(state: ServerState) -> IndexStore:
 
 
 def _index_options(index: IndexStore) -> PoolingOptions:
-    return PoolingOptions(pooling=index.pooling, normalize=True)  # type: ignore[arg-type]
+    return PoolingOptions(pooling=index.pooling, normalize=True)
 
 
 @router.post("/v1/index", response_model=IndexAddResponse, responses=ERROR_RESPONSES,

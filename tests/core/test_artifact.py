@@ -105,6 +105,7 @@ def test_existing_directory_is_not_overwritten_and_failed_write_leaves_nothing(t
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
+        # Exploding stands in for a backbone: only what save_artifact reads before the write fails
         save_artifact(tmp_path / "b", Exploding(), name="b", provenance=Provenance(source="x"))  # type: ignore[arg-type]
     assert not (tmp_path / "b").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["a"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -18,13 +19,13 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 NO_TRT = "tensorrt is not installed (needs an NVIDIA GPU; cannot be installed on this machine)"
 
 
-def _key(**changes: object) -> str:
-    base: dict[str, object] = {"onnx_sha256": "a" * 64, "trt_version": "10.7.0", "compute_capability": "8.9",
+def _key(**changes: Any) -> str:
+    base: dict[str, Any] = {"onnx_sha256": "a" * 64, "trt_version": "10.7.0", "compute_capability": "8.9",
                                "precision": "fp16",
                                "profiles": [Profile("pixel_values", (1, 3, 224, 224), (8, 3, 224, 224),
                                                     (32, 3, 224, 224))]}
     base.update(changes)
-    return cache_key(**base)  # type: ignore[arg-type]
+    return cache_key(**base)
 
 
 def test_cache_key_changes_with_every_field() -> None:

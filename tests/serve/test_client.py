@@ -14,16 +14,17 @@ from dinoforge.core.errors import DataError
 from dinoforge.core.preprocess import decode_image
 from dinoforge.serve.backends.fake import FakeBackend
 from dinoforge.serve.client import AsyncDinoforgeClient, ClientError, DinoforgeClient
+from dinoforge.core.pooling import Pooling
 from dinoforge.serve.pooling import PoolingOptions
 from dinoforge.serve.server import BackgroundServer
 from dinoforge.serve.settings import ServeSettings
 from tests.serve.helpers import encode
 
 
-def _expected(files: list[Path], pooling: str = "cls") -> np.ndarray:
+def _expected(files: list[Path], pooling: Pooling = "cls") -> np.ndarray:
     backend = FakeBackend()
     x = torch.stack([backend.pre(decode_image(p)) for p in files])
-    return backend.post(backend.core(x), PoolingOptions(pooling=pooling)).numpy()  # type: ignore[arg-type]
+    return backend.post(backend.core(x), PoolingOptions(pooling=pooling)).numpy()
 
 
 def test_sync_client_embeds_folders_files_and_pil_images_in_order(fake_server: BackgroundServer,

@@ -18,6 +18,7 @@ from dinoforge.core.errors import ArtifactError
 from dinoforge.core.preprocess import decode_image, preprocess_image
 from dinoforge.serve.backends import create_backend
 from dinoforge.serve.backends.onnx_backend import OnnxRuntimeBackend
+from dinoforge.core.pooling import Pooling
 from dinoforge.serve.pooling import PoolingOptions
 from dinoforge.serve.server import BackgroundServer
 from dinoforge.serve.settings import ServeSettings
@@ -55,8 +56,9 @@ def test_backend_matches_the_artifact(exports: dict[str, Path], tiny_artifact: P
     images = sample_bytes[::5]
     feats = backend.core(torch.stack([backend.pre(decode_image(b)) for b in images]))
     cls, mean, patch = _torch_features(art, images, art.card.preprocessing)
-    for pooling in ("cls", "mean", "cls+mean"):
-        got = backend.post(feats, PoolingOptions(pooling=pooling))  # type: ignore[arg-type]
+    poolings: tuple[Pooling, ...] = ("cls", "mean", "cls+mean")
+    for pooling in poolings:
+        got = backend.post(feats, PoolingOptions(pooling=pooling))
         want = F.normalize(torch.cat([cls, mean], -1) if pooling == "cls+mean" else
                            (cls if pooling == "cls" else mean), dim=-1)
         assert float((got * want).sum(-1).min()) >= min_cos, pooling
