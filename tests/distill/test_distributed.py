@@ -12,9 +12,6 @@ for why they agree). What is specific here:
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ import torch
 
 from dinoforge.pretrain.checkpointing import checkpoint_path, load_checkpoint
 from dinoforge.pretrain.monitor import read_metrics
+from tests.helpers import run_cli
 
 STEPS = 4
 COMMON = ["train.threads=1", f"train.max_steps={STEPS}", f"checkpoint.every_steps={STEPS}", "monitor.log_every=1",
@@ -33,12 +31,8 @@ FEATURE = ["mode=feature", "teacher.num_heads=2", "crops.global_crops_size=56", 
 
 
 def _distill(run_dir: Path, teacher: Path, nproc: int, *overrides: str) -> None:
-    cli = ["-m", "dinoforge.core.cli", "distill", "--config", "tiny", f"run_dir={run_dir}", f"teacher.path={teacher}",
-           *COMMON, *overrides]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    done = subprocess.run([*launcher, *cli], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300, check=False)
+    done = run_cli("distill", "--config", "tiny", f"run_dir={run_dir}", f"teacher.path={teacher}", *COMMON,
+                   *overrides, nproc=nproc)
     assert done.returncode == 0, done.stderr[-4000:]
 
 

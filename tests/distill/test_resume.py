@@ -7,18 +7,14 @@ goes through it intact.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from dinoforge.pretrain.checkpointing import checkpoint_path, list_checkpoints, load_checkpoint
 from dinoforge.pretrain.monitor import read_metrics
-from tests.helpers import assert_same
+from tests.helpers import assert_same, checkpoint_exists, cli_command, kill_when, process_env
 
 STEPS = 8
 STUDENTS = ("students=[{name: a, seed: 1, backbone: {embed_dim: 16, depth: 2, num_heads: 2, patch_size: 7, "
@@ -26,42 +22,28 @@ STUDENTS = ("students=[{name: a, seed: 1, backbone: {embed_dim: 16, depth: 2, nu
             "num_heads: 2, patch_size: 7, img_size: 28, layerscale_init: 0.1}}]")
 
 
+ENV = process_env(PYTHONHASHSEED="0")
+
+
 def _cmd(run_dir: Path, teacher: Path) -> list[str]:
-    return [sys.executable, "-m", "dinoforge.core.cli", "distill", "--config", "tiny", f"run_dir={run_dir}",
-            f"teacher.path={teacher}", STUDENTS, "head.centering=centering", "train.threads=1",
-            f"train.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep=5", "monitor.log_every=1"]
+    return cli_command("distill", "--config", "tiny", f"run_dir={run_dir}", f"teacher.path={teacher}", STUDENTS,
+                       "head.centering=centering", "train.threads=1", f"train.max_steps={STEPS}",
+                       "checkpoint.every_steps=2", "checkpoint.keep=5", "monitor.log_every=1")
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-
-
-def _kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int) -> None:
-    """Start ``cmd`` and SIGKILL it as soon as the checkpoint of ``step`` exists (mid-training)."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    try:
-        while not checkpoint_path(run_dir / "checkpoints", step).exists():
-            assert proc.poll() is None, "distillation exited before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint appeared in time"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+def _run(run_dir: Path, teacher: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(run_dir, teacher), env=ENV, capture_output=True, text=True, timeout=300, check=False)
 
 
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_exact(tmp_path: Path, pretrained_teacher: Path) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = subprocess.run(_cmd(straight, pretrained_teacher), env=_env(), capture_output=True, text=True, timeout=300,
-                          check=False)
+    done = _run(straight, pretrained_teacher)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    _kill_after_checkpoint(_cmd(killed, pretrained_teacher), killed, 4)
+    kill_when(_cmd(killed, pretrained_teacher), checkpoint_exists(killed, 4), env=ENV)  # mid-training
     assert max(s for s, _ in list_checkpoints(killed / "checkpoints")) < STEPS
-    resumed = subprocess.run(_cmd(killed, pretrained_teacher), env=_env(), capture_output=True, text=True,
-                             timeout=300, check=False)
+    resumed = _run(killed, pretrained_teacher)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
 

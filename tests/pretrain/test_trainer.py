@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,20 +16,15 @@ from dinoforge.pretrain.config import PretrainConfig, load_pretrain_config
 from dinoforge.pretrain.monitor import collapse_indicators, collapse_warning, read_metrics
 from dinoforge.pretrain.pretrain_run import pretrain_trainer
 from dinoforge.pretrain.spikes import SpikeConfig, SpikeDetector, TrainingDivergedError
+from tests.helpers import run_cli
 
 FAST = ["train.threads=1", "train.max_steps=6", "checkpoint.every_steps=3", "monitor.log_every=2"]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "dinoforge.core.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, fmnist_dir: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    done = _cli("pretrain", "--config", "tiny", f"run_dir={run_dir}", *FAST, "monitor.tensorboard=true",
+    done = run_cli("pretrain", "--config", "tiny", f"run_dir={run_dir}", *FAST, "monitor.tensorboard=true",
                 "knn.every_steps=3", "knn.at_end=true", "knn.train=fmnist:train[:300]", "knn.test=fmnist:test[:200]",
                 "knn.k=10")
     assert done.returncode == 0, done.stderr[-3000:]

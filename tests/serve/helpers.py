@@ -1,4 +1,5 @@
-"""Helpers of the serving tests: encoded images, and a `dinoforge serve` subprocess on a free port."""
+"""Helpers of the serving tests: encoded images, an ONNX model with its index, and a `dinoforge serve` subprocess
+on a free port."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from dinoforge.core.cli import main as cli_main
 from dinoforge.serve.server import free_port
 
 
@@ -38,6 +40,17 @@ def fmnist_images(fmnist_dir: Path, n: int, fmt: str = "JPEG") -> tuple[list[byt
     files = [encode(Image.fromarray(src.images[i]), fmt, **({"quality": 95} if fmt == "JPEG" else {}))
              for i in range(n)]
     return files, np.asarray(src.targets[:n])
+
+
+def onnx_index_without_patch_tokens(artifact: Path, images: Path, out: Path) -> tuple[Path, Path]:
+    """Export ``artifact`` to ONNX without ``--patch-tokens`` (``out/onnx``) and index ``images`` with that graph
+    (``out/onnx_index``): a served model whose answers can carry no patch PCA."""
+    export, index = out / "onnx", out / "onnx_index"
+    assert cli_main(["export", "onnx", str(artifact), "--out", str(export), "--parity-limit", "4",
+                     "--knn-limit", "0"]) == 0
+    assert cli_main(["index", "build", "--model", str(export), "--input", str(images), "--index", str(index),
+                     "--num-workers", "0", "--no-progress"]) == 0
+    return export, index
 
 
 def png_header(width: int, height: int) -> bytes:

@@ -18,7 +18,7 @@ from dinoforge.serve.routes.query import rgb_array
 from dinoforge.serve.server import BackgroundServer
 from dinoforge.serve.settings import ServeSettings
 from dinoforge.serve.thumbnails import thumb_path
-from tests.serve.helpers import png_header
+from tests.serve.helpers import onnx_index_without_patch_tokens, png_header
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +110,7 @@ def test_empty_index_and_a_model_without_patch_tokens_are_explained(tiny_artifac
         r = _query(srv.url, one)
         assert r.status_code == 404 and "index" in r.json()["error"]["message"] and "empty" in \
             r.json()["error"]["message"]
-    export = tmp_path / "onnx"
-    assert cli_main(["export", "onnx", str(tiny_artifact), "--out", str(export), "--parity-limit", "4",
-                     "--knn-limit", "0"]) == 0  # no --patch-tokens
-    index = tmp_path / "onnx_index"
-    assert cli_main(["index", "build", "--model", str(export), "--input", str(stamps / "food"), "--index",
-                     str(index), "--num-workers", "0", "--no-progress"]) == 0
+    export, index = onnx_index_without_patch_tokens(tiny_artifact, stamps / "food", tmp_path)
     with BackgroundServer(ServeSettings(port=0, model=export, index_dir=index)) as srv:
         body = _query(srv.url, (stamps / "food" / sorted(p.name for p in (stamps / "food").iterdir())[0])
                       .read_bytes()).json()

@@ -17,7 +17,7 @@ from dinoforge.serve.page_browser import (canvas_colours, chromium_missing, cons
                                           result_ids, upload, wait_state)
 from dinoforge.serve.server import BackgroundServer
 from dinoforge.serve.settings import ServeSettings
-from tests.serve.helpers import png_header
+from tests.serve.helpers import onnx_index_without_patch_tokens, png_header
 
 pytestmark = pytest.mark.skipif(chromium_missing() is not None, reason=str(chromium_missing()))
 
@@ -174,12 +174,7 @@ def test_drop_and_paste_search_and_a_model_without_patch_tokens_is_explained(
         browser: Any, tiny_artifact: Path, stamps: Path, tmp_path: Path) -> None:
     import base64
 
-    export = tmp_path / "onnx"
-    assert cli_main(["export", "onnx", str(tiny_artifact), "--out", str(export), "--parity-limit", "4",
-                     "--knn-limit", "0"]) == 0  # no --patch-tokens
-    index = tmp_path / "index"
-    assert cli_main(["index", "build", "--model", str(export), "--input", str(stamps / "animals"), "--index",
-                     str(index), "--num-workers", "0", "--no-progress"]) == 0
+    export, index = onnx_index_without_patch_tokens(tiny_artifact, stamps / "animals", tmp_path)
     query = sorted((stamps / "animals").iterdir())[2]
     data = base64.b64encode(query.read_bytes()).decode("ascii")
     with _server(export, index) as server:
