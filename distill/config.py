@@ -18,20 +18,22 @@ from pydantic import Field, model_validator
 from dinoforge.core.backbone import BackboneConfig, get_arch
 from dinoforge.core.config import StrictModel, load_config, recipe_names_in, resolve_recipe_in
 from dinoforge.core.errors import ConfigError
-from dinoforge.pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, CropsConfig
-from dinoforge.pretrain.config import (
+from dinoforge.pretrain.blocks import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     ArtifactConfig,
     CheckpointConfig,
+    CropsConfig,
     DataConfig,
     KnnConfig,
     MaskingConfig,
     MonitorConfig,
     OptimConfig,
+    ParallelConfig,
+    ScheduleConfig,
+    SpikeConfig,
     TrainConfig,
 )
-from dinoforge.pretrain.parallelize import ParallelConfig
-from dinoforge.pretrain.schedules import ScheduleConfig
-from dinoforge.pretrain.spikes import SpikeConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 Mode = Literal["head", "feature"]
