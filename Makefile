@@ -1,6 +1,10 @@
 # Two commands on a fresh machine:  `make demo` (the main job)  and  `make test` (the test suite).
 # Both create .venv, install the project with every extra, and install the Debian data packages they use.
 
+# bash with pipefail: a demo step piped into `tail` must still fail the demo when the step fails.
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
