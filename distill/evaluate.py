@@ -109,7 +109,7 @@ def evaluate_models(models: dict[str, EvalModel | None], *, protocols: Sequence[
         raise ConfigError(f"unknown protocols {unknown}; known: {', '.join(PROTOCOLS)}")
     table: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
-        table[name] = {p: _score(model or _pixels(p), p, fmnist, batch_size) for p in protocols}
+        table[name] = {p: _score(model if model is not None else _pixels(p), p, fmnist, batch_size) for p in protocols}
     return table
 
 
