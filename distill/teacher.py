@@ -20,8 +20,9 @@ from dinoforge.core.artifact import ModelCard, is_artifact, load_artifact
 from dinoforge.core.backbone import BackboneConfig, DinoFeatures, DinoVisionTransformer
 from dinoforge.core.checkpoint import load_backbone
 from dinoforge.core.errors import CheckpointError, ConfigError
+from dinoforge.core.fileio import sha256_file
 from dinoforge.distill.config import DistillConfig, TeacherConfig
-from dinoforge.distill.external_teacher import (ExternalTeacher, OnnxTeacher, TorchTeacher, ViewNorm, file_sha256,
+from dinoforge.distill.external_teacher import (ExternalTeacher, OnnxTeacher, TorchTeacher, ViewNorm,
                                                 load_strict, locate_weights, read_state_dict)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -173,7 +174,7 @@ def load_external_teacher(cfg: TeacherConfig, views: ViewNorm) -> tuple[External
         count = sum(p.numel() for p in model.parameters())
         teacher = TorchTeacher(model, cfg.kind, views, pre.mean, pre.std, pre.size, _DTYPES[cfg.precision])
     info = TeacherInfo(path=str(path), kind=f"{cfg.kind}:{cfg.arch}" if cfg.arch else cfg.kind,
-                       sha256=file_sha256(path), name=path.name, num_parameters=count)
+                       sha256=sha256_file(path), name=path.name, num_parameters=count)
     return teacher, info
 
 

@@ -15,7 +15,6 @@ manifest before training. ``photos:OUT`` opens the manifest as a data source.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +29,7 @@ from dinoforge.core.data.folder import IMAGE_EXTENSIONS
 from dinoforge.core.data.manifest import ManifestSource
 from dinoforge.core.data.tuxpaint import EVAL_CATEGORIES, TUXPAINT_STAMPS
 from dinoforge.core.errors import DataError, ImageDecodeError
-from dinoforge.core.fileio import atomic_write_json, atomic_write_text
+from dinoforge.core.fileio import atomic_write_json, atomic_write_text, sha256_bytes
 from dinoforge.core.preprocess import DEFAULT_MAX_PIXELS, decode_image
 
 MANIFEST_NAME = "manifest.csv"
@@ -135,7 +134,7 @@ def shrink(image: Image.Image, short_side: int) -> Image.Image:
 
 
 def _pixel_hash(image: Image.Image) -> str:
-    return hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
+    return sha256_bytes(f"{image.size}".encode() + image.tobytes())
 
 
 def build_photos(out_dir: str | Path, *, short_side: int = 512, min_side: int = 32,
@@ -168,7 +167,7 @@ def build_photos(out_dir: str | Path, *, short_side: int = 512, min_side: int = 
         except ImageDecodeError:
             dropped["unreadable"] += 1
             continue
-        keys = {hashlib.sha256(data).hexdigest(), _pixel_hash(image)}
+        keys = {sha256_bytes(data), _pixel_hash(image)}
         if keys & seen:
             dropped["exact_duplicate"] += 1
             continue
