@@ -4,7 +4,7 @@ An artifact is a directory with
 
 * ``model.safetensors``: backbone tensors under ``backbone.*`` (dinoforge/timm names) and, optionally, heads
   under ``<head name>.*`` (``dino_head``, ``ibot_head``);
-* ``model.json``: the :class:`ModelCard` — architecture, embedding dims, preprocessing contract, heads,
+* ``model.json``: the :class:`~dinoforge.core.card.ModelCard` (torch-free, :mod:`dinoforge.core.card`) — architecture, embedding dims, preprocessing contract, heads,
   provenance (parent artifact hash, recipe, data manifest hash, metrics), format version, weights hash.
 
 Writes are atomic (built under a temporary name, renamed into place); loads validate everything and fail
@@ -13,61 +13,27 @@ with an :class:`~dinoforge.core.errors.ArtifactError` that says what is wrong.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from pydantic import Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dinoforge.core import __version__
-from dinoforge.core.backbone import BackboneConfig, DinoVisionTransformer
+from dinoforge.core.backbone import DinoVisionTransformer
 from dinoforge.core.backbone.convert import check_state_dict
-from dinoforge.core.backbone.heads import DINOHead, HeadConfig
-from dinoforge.core.config import StrictModel, format_validation_error
+from dinoforge.core.backbone.heads import DINOHead
+from dinoforge.core.card import (CARD_FILE, FORMAT_VERSION, WEIGHTS_FILE, ModelCard, Provenance, embedding_dims,
+                                 is_artifact, read_card)
 from dinoforge.core.errors import ArtifactError, CheckpointError
 from dinoforge.core.fileio import atomic_directory, atomic_write_json, sha256_file
 from dinoforge.core.pooling import Pooling
 from dinoforge.core.preprocess import PreprocessConfig
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "model.json"
-
-
-class Provenance(StrictModel):
-    """Where an artifact came from."""
-
-    source: str = Field(..., description="random-init, official-pth, timm, pretrain, distill, ...")
-    parent_sha256: str | None = Field(None, description="weights_sha256 of the artifact this was made from")
-    parent: str | None = Field(None, description="human-readable pointer to the parent (path or name)")
-    recipe: str | None = None
-    data_manifest_sha256: str | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
-    created_at: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    dinoforge_version: str = __version__
-    details: dict[str, Any] = Field(default_factory=dict)
-
-
-class ModelCard(StrictModel):
-    """The ``model.json`` of an artifact."""
-
-    format_version: int = FORMAT_VERSION
-    name: str
-    architecture: BackboneConfig
-    embed_dim: int
-    embedding_dims: dict[str, int]
-    default_pooling: Pooling = "cls"
-    preprocessing: PreprocessConfig
-    heads: dict[str, HeadConfig] = Field(default_factory=dict)
-    provenance: Provenance
-    num_parameters: int
-    weights_sha256: str
+__all__ = ["CARD_FILE", "FORMAT_VERSION", "WEIGHTS_FILE", "Artifact", "ModelCard", "Provenance", "embedding_dims",
+           "is_artifact", "load_artifact", "read_card", "save_artifact", "validate_artifact"]
 
 
 @dataclass
@@ -83,11 +49,6 @@ class Artifact:
     def sha256(self) -> str:
         """Identity of the artifact (hash of its weights file)."""
         return self.card.weights_sha256
-
-
-def embedding_dims(dim: int) -> dict[str, int]:
-    """Output width per pooling mode."""
-    return {"cls": dim, "mean": dim, "cls+mean": 2 * dim}
 
 
 def _flatten(backbone: nn.Module, heads: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -133,28 +94,6 @@ def save_artifact(out_dir: str | Path, backbone: DinoVisionTransformer, *, name:
     except FileExistsError as err:
         raise ArtifactError(f"{out_dir} already exists; choose another --out or remove it") from err
     return Path(out_dir)
-
-
-def read_card(path: str | Path) -> ModelCard:
-    """Read and validate ``model.json`` of an artifact directory (weights are not touched)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise ArtifactError(f"{root} is not an artifact directory (expected a folder with {CARD_FILE} "
-                            f"and {WEIGHTS_FILE})")
-    card_path = root / CARD_FILE
-    if not card_path.is_file():
-        raise ArtifactError(f"artifact {root} has no {CARD_FILE}")
-    try:
-        data = json.loads(card_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{card_path} is not valid JSON: {err}") from err
-    if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ArtifactError(f"{card_path} has format_version {data['format_version']}; this dinoforge "
-                            f"({__version__}) reads up to {FORMAT_VERSION}")
-    try:
-        return ModelCard.model_validate(data)
-    except ValidationError as err:
-        raise ArtifactError(format_validation_error(err, str(card_path))) from None
 
 
 def _read_weights(root: Path, card: ModelCard, verify_hash: bool) -> dict[str, torch.Tensor]:
@@ -204,8 +143,3 @@ def load_artifact(path: str | Path, *, verify_hash: bool = True, load_heads: boo
 def validate_artifact(path: str | Path) -> ModelCard:
     """Fully load an artifact (hash, card, tensor shapes) and return its card; raises on any problem."""
     return load_artifact(path).card
-
-
-def is_artifact(path: str | Path) -> bool:
-    """True when ``path`` is a directory holding a ``model.json``."""
-    return (Path(path) / CARD_FILE).is_file()

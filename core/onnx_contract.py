@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from dinoforge.core.artifact import ModelCard
+from dinoforge.core.card import ModelCard
 from dinoforge.core.config import format_validation_error
 from dinoforge.core.errors import ArtifactError, ConfigError
 

@@ -1,7 +1,27 @@
-"""DINOv2-style ViT backbones on top of timm, their heads, and checkpoint conversion."""
+"""DINOv2-style ViT backbones on top of timm, their heads, and checkpoint conversion.
+
+The configs (:mod:`.config`) are torch-free; the modules (:mod:`.vit`) load torch and timm only when one of
+their names is first used, so reading a model card (``core.card``) works in the torch-free edge runtime.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from dinoforge.core.backbone.config import ARCHITECTURES, BackboneConfig, get_arch
-from dinoforge.core.backbone.vit import DinoFeatures, DinoVisionTransformer, drop_path_rates
+
+if TYPE_CHECKING:
+    from dinoforge.core.backbone.vit import DinoFeatures, DinoVisionTransformer, drop_path_rates
+
+_FROM_VIT = ("DinoFeatures", "DinoVisionTransformer", "drop_path_rates")
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the torch names load on first use
+    if name in _FROM_VIT:
+        from dinoforge.core.backbone import vit
+
+        return getattr(vit, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_backbone(arch: str | BackboneConfig, **overrides: object) -> DinoVisionTransformer:
@@ -15,6 +35,8 @@ def build_backbone(arch: str | BackboneConfig, **overrides: object) -> DinoVisio
         config = get_arch(arch, **overrides)
     else:
         config = BackboneConfig(**{**arch.model_dump(), **overrides}) if overrides else arch
+    from dinoforge.core.backbone.vit import DinoVisionTransformer
+
     return DinoVisionTransformer(config)
 
 

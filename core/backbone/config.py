@@ -6,6 +6,7 @@ in every model card (``model.json``) so an artifact can be rebuilt without knowi
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -44,8 +45,10 @@ class BackboneConfig(BaseModel):
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     drop_path_uniform: bool = False
     frozen_patch_embed: bool = Field(False, description="MoCo v3 trick: freeze a random patch projection.")
-    stem_channels: tuple[int, ...] = Field((), description="Stride-1 3x3 conv stem widths before the patch "
+    stem_channels: tuple[int, ...] = Field((), description="3x3 conv stem widths before the patch "
                                            "projection (empty: the official linear patch embedding).")
+    stem_strides: tuple[int, ...] = Field((), description="stride (1 or 2) of each stem conv; empty: all 1. "
+                                          "The projection then covers patch_size / prod(strides) pixels.")
 
     @model_validator(mode="after")
     def _check_heads(self) -> BackboneConfig:
@@ -53,6 +56,11 @@ class BackboneConfig(BaseModel):
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if any(c <= 0 for c in self.stem_channels):
             raise ValueError(f"stem_channels must be positive, got {list(self.stem_channels)}")
+        if self.stem_strides and (len(self.stem_strides) != len(self.stem_channels)
+                                  or any(s not in (1, 2) for s in self.stem_strides)
+                                  or self.patch_size % math.prod(self.stem_strides)):
+            raise ValueError(f"stem_strides {list(self.stem_strides)} must be 1 or 2, one per stem_channels "
+                             f"entry {list(self.stem_channels)}, with a product dividing patch_size {self.patch_size}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         return self
@@ -134,3 +142,15 @@ def get_arch(name: str, **overrides: object) -> BackboneConfig:
         return BackboneConfig(**{**base.model_dump(), **overrides})
     except ValueError as err:
         raise ConfigError(f"invalid override for architecture {name!r}: {err}") from err
+
+
+class HeadConfig(BaseModel):
+    """Shape of a DINO/iBOT head. Defaults are the official ones (K = 65536, 2048 hidden, 256 bottleneck)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    in_dim: int = Field(..., gt=0)
+    out_dim: int = Field(65536, gt=0, description="Number of prototypes K.")
+    hidden_dim: int = Field(2048, gt=0)
+    bottleneck_dim: int = Field(256, gt=0)
+    nlayers: int = Field(3, ge=1)

@@ -8,20 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-
-class HeadConfig(BaseModel):
-    """Shape of a DINO/iBOT head. Defaults are the official ones (K = 65536, 2048 hidden, 256 bottleneck)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    in_dim: int = Field(..., gt=0)
-    out_dim: int = Field(65536, gt=0, description="Number of prototypes K.")
-    hidden_dim: int = Field(2048, gt=0)
-    bottleneck_dim: int = Field(256, gt=0)
-    nlayers: int = Field(3, ge=1)
+from dinoforge.core.backbone.config import HeadConfig  # defined beside BackboneConfig: torch-free
 
 
 class WeightNormLinear(nn.Module):
