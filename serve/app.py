@@ -13,8 +13,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from fastapi import FastAPI
 
 from dinoforge.core import __version__
@@ -23,14 +23,16 @@ from dinoforge.core.pooling import pooled_dim
 from dinoforge.serve.backends import create_backend
 from dinoforge.serve.backends.base import Backend
 from dinoforge.serve.engine import BatchingEngine
-from dinoforge.serve.heads import ClassificationHead, load_head
-from dinoforge.serve.index_store import IndexStore
 from dinoforge.serve.metrics import ServeMetrics
 from dinoforge.serve.middleware import AllowMiddleware, AuthMiddleware, GuardMiddleware, MetricsMiddleware
 from dinoforge.serve.responses import install_error_handlers
 from dinoforge.serve.routes import classify, embeddings, health, page, query, retrieval
 from dinoforge.serve.settings import ServeSettings
 from dinoforge.serve.state import ServerState
+
+if TYPE_CHECKING:  # loaded only for a server with a head (torch) or an index (faiss): see load_resources
+    from dinoforge.serve.heads import ClassificationHead
+    from dinoforge.serve.index_store import IndexStore
 
 log = logging.getLogger("dinoforge.serve")
 
@@ -56,12 +58,16 @@ def load_resources(settings: ServeSettings, backend: Backend | None = None) -> R
     backend = backend or create_backend(settings)
     res = Resources(backend=backend)
     if settings.head is not None:
+        from dinoforge.serve.heads import load_head  # torch: the full install, not the edge runtime
+
         res.head = load_head(settings.head)
         if res.head.card.model_sha256 != backend.info.weights_sha256:
             raise ArtifactError(f"head {settings.head} was built for model weights "
                                 f"{res.head.card.model_sha256[:12]}…, but the served model is "
                                 f"{backend.info.weights_sha256[:12]}…")
     if settings.index_dir is not None:
+        from dinoforge.serve.index_store import IndexStore  # faiss: the full install, not the edge runtime
+
         pooling = backend.info.default_pooling
         res.index = IndexStore(settings.index_dir, dim=pooled_dim(backend.info.embed_dim, pooling),
                                pooling=pooling, model_sha256=backend.info.weights_sha256,
@@ -88,8 +94,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.serve
     settings = state.settings
     state.started = time.monotonic()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     if not state.preloaded:
         try:
             res = await asyncio.to_thread(load_resources, settings, state.backend)

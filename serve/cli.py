@@ -51,6 +51,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     fields["max_inflight_body_bytes"] = max(256 * 1024 * 1024, 4 * fields["max_payload_bytes"])
     fields["api_keys"] = _api_keys(args)
     fields["insecure_no_auth"] = args.insecure_no_auth
+    fields["onnx_providers"] = getattr(args, "providers", [])
     try:
         return ServeSettings(**fields)
     except ValidationError as err:

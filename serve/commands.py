@@ -98,7 +98,11 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     p.add_argument("--max-queue-size", type=int, default=512, help="images admitted at once; beyond: 429")
     p.add_argument("--preprocess-workers", type=int, default=2, help="decode/preprocess threads")
-    p.add_argument("--threads", dest="torch_threads", type=int, help="torch intra-op threads")
+    p.add_argument("--threads", dest="torch_threads", type=int,
+                   help="intra-op threads of the runtime (torch or ONNX Runtime; default: its own choice)")
+    p.add_argument("--providers", type=lambda text: [x.strip() for x in text.split(",") if x.strip()], default=[],
+                   help="ONNX Runtime execution providers in order, e.g. TensorrtExecutionProvider,"
+                        "CUDAExecutionProvider (onnxruntime-gpu; default: CPU)")
     p.add_argument("--timeout", dest="request_timeout_s", type=float, default=60.0, help="request deadline (s)")
     p.add_argument("--max-payload-mb", type=float, default=64.0)
     p.add_argument("--max-images", dest="max_images_per_request", type=int, default=128)

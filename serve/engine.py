@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
+import numpy as np
 
 from dinoforge.serve.backends.base import Backend, Features
 from dinoforge.serve.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, ServeError
@@ -42,7 +42,7 @@ class _Done:
 
 @dataclass
 class _Item:
-    pixels: torch.Tensor  # [3, H, W]
+    pixels: np.ndarray  # [3, H, W]
     future: asyncio.Future[_Done]
     enqueued: float
     deadline: float
@@ -186,7 +186,7 @@ class BatchingEngine:
             "inference_ms": sum(seconds for _, seconds in {r.batch for r in results}) * 1e3,
         })
 
-    async def _preprocess(self, images: Sequence[bytes], costs: list[int], deadline: float) -> list[torch.Tensor]:
+    async def _preprocess(self, images: Sequence[bytes], costs: list[int], deadline: float) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
         pools = [self._large if cost > self.large_image_pixels else self._pool for cost in costs]
         tasks = [loop.run_in_executor(pool, self._prepare_timed, data, i)
@@ -200,7 +200,7 @@ class BatchingEngine:
                 t.cancel()
             raise
 
-    def _prepare_timed(self, data: bytes, index: int) -> torch.Tensor:
+    def _prepare_timed(self, data: bytes, index: int) -> np.ndarray:
         t0 = time.perf_counter()
         out = prepare(data, index, self.backend, self.max_pixels)
         self.metrics.preprocess_latency.observe(time.perf_counter() - t0)
@@ -258,7 +258,7 @@ class BatchingEngine:
             start = time.monotonic()
             for item in batch:
                 self.metrics.queue_latency.observe(start - item.enqueued)
-            pixels = torch.stack([item.pixels for item in batch])  # [B, 3, H, W]
+            pixels = np.stack([item.pixels for item in batch])  # [B, 3, H, W]
             try:
                 features = await loop.run_in_executor(self._infer, self.backend.core, pixels)
             except Exception as err:  # noqa: BLE001 - every waiting request must get an answer

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, ValidationError
 from safetensors import SafetensorError
@@ -93,9 +94,9 @@ class ClassificationHead:
         v = next(iter(votes.values()))  # [B, C]
         return v / v.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
-    def top_k(self, features: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
-        """Best ``k`` ``(label, score)`` per image of ``features [B, D]``."""
-        scores = self.scores(features)
+    def top_k(self, features: torch.Tensor | np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """Best ``k`` ``(label, score)`` per image of ``features [B, D]`` (the server passes numpy)."""
+        scores = self.scores(torch.as_tensor(features))
         values, indices = scores.topk(min(k, self.num_classes), dim=-1)  # [B, k]
         names = self.card.classes
         return [[(names[int(i)], float(v)) for v, i in zip(vrow, irow, strict=True)]

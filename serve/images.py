@@ -12,11 +12,11 @@ import io
 import re
 import warnings
 
-import torch
+import numpy as np
 from PIL import Image
 
 from dinoforge.core.errors import ImageDecodeError, ImageTooLargeError
-from dinoforge.core.preprocess import (DECODER_ERRORS, SUPPORTED_FORMATS, check_image_budget, decode_error_reason,
+from dinoforge.core.image_contract import (DECODER_ERRORS, SUPPORTED_FORMATS, check_image_budget, decode_error_reason,
                                        decode_image, decoded_pixels)
 from dinoforge.serve.backends.base import Backend
 from dinoforge.serve.errors import InvalidInput, PayloadTooLarge
@@ -110,7 +110,7 @@ def check_request_pixels(costs: list[int], limit: int) -> None:
                               f"most {limit} per request (split the request or send smaller images)")
 
 
-def prepare(data: bytes, index: int, backend: Backend, max_pixels: int) -> torch.Tensor:
+def prepare(data: bytes, index: int, backend: Backend, max_pixels: int) -> np.ndarray:
     """Decode + preprocess one image (runs in the engine's worker pool).
 
     The image is decoded for the model's contract: JPEGs at a reduced scale, other formats box-reduced, when

@@ -77,8 +77,10 @@ def external_model(backend: Backend, pooling: Pooling) -> ExternalModel:
     options = PoolingOptions(pooling=pooling, normalize=True)
 
     def compute(pixels: torch.Tensor) -> dict[str, np.ndarray]:  # [B, 3, H, W] -> {pooling: [B, D']}
-        x = pixels.round().clamp_(0, 255).to(torch.uint8) if uint8 else pixels
-        return {pooling: backend.post(backend.core(x), options).numpy()}
+        x = pixels.numpy()  # the extraction loader prepares torch tensors; backends take numpy
+        if uint8:
+            x = np.clip(np.round(x), 0, 255).astype(np.uint8)
+        return {pooling: backend.post(backend.core(x), options)}
 
     return ExternalModel(preprocess=pre, sha256=backend.info.weights_sha256, embed_dim=backend.info.embed_dim,
                          compute=compute)

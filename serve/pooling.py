@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from dinoforge.core.pooling import Pooling
 from dinoforge.core.pooling import pool as pool_tokens
@@ -30,7 +29,7 @@ class PoolingOptions:
     dimensions: int | None = None
 
 
-def pool(cls: torch.Tensor, mean: torch.Tensor, options: PoolingOptions) -> torch.Tensor:
+def pool(cls: np.ndarray, mean: np.ndarray, options: PoolingOptions) -> np.ndarray:
     """Pool backbone outputs into embeddings, then truncate and normalise as the request asks.
 
     Args:
@@ -41,9 +40,11 @@ def pool(cls: torch.Tensor, mean: torch.Tensor, options: PoolingOptions) -> torc
     Returns:
         float32 ``[B, D']`` with ``D' = dimensions or pooled_dim(D, pooling)``.
     """
-    out = pool_tokens(cls, mean, options.pooling).float()
+    out = pool_tokens(cls, mean, options.pooling).astype(np.float32, copy=False)
     if options.dimensions is not None:
         out = out[:, : options.dimensions]
     if options.normalize:
-        out = F.normalize(out, dim=-1)
-    return out
+        # torch.nn.functional.normalize's rule: divide by max(||x||, 1e-12)
+        norm = np.linalg.norm(out, axis=-1, keepdims=True)
+        out = out / np.maximum(norm, np.float32(1e-12))
+    return np.ascontiguousarray(out, dtype=np.float32)

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 
 from dinoforge.core.config import StrictModel
-from dinoforge.core.preprocess import DEFAULT_MAX_PIXELS
+from dinoforge.core.image_contract import DEFAULT_MAX_PIXELS
 
 BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt", "triton", "fake"]
 
@@ -36,7 +36,8 @@ class ServeSettings(StrictModel):
     max_queue_delay_ms: float = Field(2.0, ge=0, description="how long a partial batch waits for more images")
     max_queue_size: int = Field(512, gt=0, description="images admitted at once; beyond this: 429")
     preprocess_workers: int = Field(2, gt=0, description="threads decoding and preprocessing images")
-    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: torch's)")
+    torch_threads: int | None = Field(None, gt=0, description="intra-op threads of torch, and of ONNX Runtime unless "
+                                                             "intra_op_threads is set (default: the runtime.s)")
     request_timeout_s: float = Field(60.0, gt=0, description="default deadline of a request")
     warmup: bool = True
     # security limits

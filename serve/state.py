@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import Request
@@ -11,11 +12,13 @@ from fastapi import Request
 from dinoforge.serve.backends.base import Backend, Features
 from dinoforge.serve.engine import BatchingEngine, EngineResult
 from dinoforge.serve.errors import InvalidInput, NotFound, NotReady
-from dinoforge.serve.heads import ClassificationHead
-from dinoforge.serve.index_store import IndexStore
 from dinoforge.serve.metrics import ServeMetrics
 from dinoforge.serve.pooling import PoolingOptions
 from dinoforge.serve.settings import ServeSettings
+
+if TYPE_CHECKING:  # both load only when a server has a head / an index (torch / faiss: not on the edge path)
+    from dinoforge.serve.heads import ClassificationHead
+    from dinoforge.serve.index_store import IndexStore
 
 TIMEOUT_HEADER = "x-request-timeout"
 
@@ -74,7 +77,7 @@ class ServerState:
     def pooled(self, result: EngineResult, options: PoolingOptions) -> np.ndarray:
         """Pooled ``[n, D']`` float32 vectors of an engine result."""
         backend, _ = self.require_ready()
-        return backend.post(Features.cat(result.rows), options).numpy()
+        return backend.post(Features.cat(result.rows), options)
 
 
 def get_state(request: Request) -> ServerState:

@@ -54,7 +54,7 @@ def _patch_tokens(backend: Backend, image: Image.Image) -> tuple[np.ndarray, tup
     if feats.patch is None:
         raise ConfigError(NO_PATCH_TOKENS)
     p = backend.info.patch_size
-    return feats.patch[0].float().numpy(), (pixels.shape[-2] // p, pixels.shape[-1] // p)
+    return feats.patch[0].astype(np.float32), (pixels.shape[-2] // p, pixels.shape[-1] // p)
 
 
 def _pair(image: Image.Image, picture: PatchPCA) -> Image.Image:
@@ -112,7 +112,7 @@ def write_neighbours(backend: Backend, index_dir: Path, queries: list[Path], out
         options = PoolingOptions(pooling=pooling, normalize=True)
         for row, path in enumerate(queries):
             image = _load(path)
-            vector = backend.post(backend.core(backend.pre(image)[None]), options).numpy()  # [1, D']
+            vector = backend.post(backend.core(backend.pre(image)[None]), options)  # [1, D']
             hits = index.search(vector, k)[0]
             cells = [_labelled(_tile(image, side), "query: " + path.name)]
             cells += [_labelled(_thumbnail(index_dir, name, side), f"{score:.3f} {Path(name).name}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dinoforge.core.artifact import WEIGHTS_FILE, is_artifact
+from dinoforge.core.card import WEIGHTS_FILE, is_artifact
 from dinoforge.core.errors import ConfigError
 from dinoforge.serve.backends.base import Backend, Features, ModelInfo
 
@@ -68,12 +68,14 @@ def create_backend(settings: ServeSettings) -> Backend:
     if name == "torch":
         from dinoforge.serve.backends.torch_backend import TorchBackend
 
-        return TorchBackend.from_artifact(settings.model, device=settings.device, name=settings.model_name)
+        return TorchBackend.from_artifact(settings.model, device=settings.device, name=settings.model_name,
+                                          threads=settings.torch_threads)
     if name == "onnxruntime":
         from dinoforge.serve.backends.onnx_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(settings.model, providers=settings.onnx_providers or None,
-                                  intra_op_threads=settings.intra_op_threads, name=settings.model_name)
+                                  intra_op_threads=settings.intra_op_threads or settings.torch_threads,
+                                  name=settings.model_name)
     if name == "tensorrt":
         from dinoforge.serve.backends.tensorrt_backend import TensorRTBackend
 

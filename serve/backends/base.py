@@ -2,6 +2,9 @@
 
 Every backend exposes the same :class:`ModelInfo` (taken from the artifact card, the ONNX metadata or the
 Triton repository) so the transport and the engine never know which runtime answers.
+
+Pixels and features cross this interface as numpy arrays, so the serving stack runs without torch (the edge
+runtime); the torch and TensorRT backends convert at their own boundary.
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 from PIL import Image
 
 from dinoforge.core.pooling import Pooling
-from dinoforge.core.preprocess import PreprocessConfig, output_size, preprocess_image
+from dinoforge.core import preprocess_np
+from dinoforge.core.image_contract import PreprocessConfig, output_size
 from dinoforge.serve.pooling import PoolingOptions, pool
 
 
@@ -49,14 +53,14 @@ class Features:
             (an ONNX graph exported without ``--patch-tokens``).
     """
 
-    cls: torch.Tensor
-    mean: torch.Tensor
-    patch: torch.Tensor | None = None
+    cls: np.ndarray
+    mean: np.ndarray
+    patch: np.ndarray | None = None
 
     @classmethod
-    def from_tokens(cls, cls_token: torch.Tensor, patch: torch.Tensor) -> Features:
-        """Build from CLS ``[B, D]`` and patch tokens ``[B, N, D]``."""
-        return cls(cls=cls_token, mean=patch.mean(dim=1), patch=patch)
+    def from_tokens(cls, cls_token: np.ndarray, patch: np.ndarray) -> Features:
+        """Build from CLS ``[B, D]`` and patch tokens ``[B, N, D]`` (float32)."""
+        return cls(cls=cls_token, mean=patch.mean(axis=1, dtype=np.float32), patch=patch)
 
     def __len__(self) -> int:
         return int(self.cls.shape[0])
@@ -71,8 +75,8 @@ class Features:
         """Concatenate batches (patch tokens kept only when every row has them with one shape)."""
         patches = [r.patch for r in rows if r.patch is not None]
         same = len(patches) == len(rows) and len({tuple(p.shape[1:]) for p in patches}) == 1
-        return Features(cls=torch.cat([r.cls for r in rows]), mean=torch.cat([r.mean for r in rows]),
-                        patch=torch.cat(patches) if same else None)
+        return Features(cls=np.concatenate([r.cls for r in rows]), mean=np.concatenate([r.mean for r in rows]),
+                        patch=np.concatenate(patches) if same else None)
 
 
 class Backend(ABC):
@@ -84,15 +88,15 @@ class Backend(ABC):
     def __init__(self, info: ModelInfo) -> None:
         self.info = info
 
-    def pre(self, image: Image.Image) -> torch.Tensor:
-        """Decoded RGB image -> float32 ``[3, H, W]`` following the model's preprocessing contract."""
-        return preprocess_image(image, self.info.preprocessing)
+    def pre(self, image: Image.Image) -> np.ndarray:
+        """Decoded RGB image -> float32 ``[3, H, W]`` following the model's preprocessing contract (numpy)."""
+        return preprocess_np.preprocess_image(image, self.info.preprocessing)
 
     @abstractmethod
-    def core(self, pixels: torch.Tensor) -> Features:
+    def core(self, pixels: np.ndarray) -> Features:
         """Run the backbone on ``[B, 3, H, W]`` preprocessed pixels (all images of one size)."""
 
-    def post(self, features: Features, options: PoolingOptions) -> torch.Tensor:
+    def post(self, features: Features, options: PoolingOptions) -> np.ndarray:
         """Pool features into ``[B, D']`` embeddings (see :func:`dinoforge.serve.pooling.pool`)."""
         return pool(features.cls, features.mean, options)
 
@@ -106,7 +110,7 @@ class Backend(ABC):
         cfg = self.info.preprocessing
         h, w = output_size(cfg.size, cfg.size, cfg)
         for b in batch_sizes:
-            self.core(torch.zeros(b, 3, h, w))
+            self.core(np.zeros((b, 3, h, w), dtype=np.float32))
 
     def close(self) -> None:  # noqa: B027 - an optional hook: most backends hold nothing to release
         """Release runtime resources (sessions, connections)."""

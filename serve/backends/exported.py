@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
-from dinoforge.core.artifact import ModelCard
+from dinoforge.core import preprocess_np
+from dinoforge.core.card import ModelCard
 from dinoforge.core.errors import ArtifactError
 from dinoforge.core.onnx_contract import CLS_OUTPUT, MEAN_OUTPUT, PATCH_OUTPUT, parse_export_metadata
-from dinoforge.core.preprocess import PreprocessConfig, pil_to_uint8, preprocess_tensor
+from dinoforge.core.image_contract import PreprocessConfig
 from dinoforge.serve.backends.base import Backend, Features, ModelInfo
 
 
@@ -84,22 +84,19 @@ class ExportedBackend(Backend):
     def __init__(self, contract: GraphContract, name: str | None = None) -> None:
         super().__init__(contract.model_info(name))
         self.contract = contract
-        pre = self.info.preprocessing
-        # Same geometry, but "normalisation" to raw [0, 255] values: the graph normalises uint8 pixels itself.
-        self._pixel_contract = pre.model_copy(update={"mean": (0.0, 0.0, 0.0), "std": (1 / 255,) * 3})
 
-    def pre(self, image: Image.Image) -> torch.Tensor:
+    def pre(self, image: Image.Image) -> np.ndarray:
         """float32 ``[3, H, W]`` normalised, or uint8 ``[3, H, W]`` pixels for graphs that normalise."""
         if not self.contract.uint8_input:
             return super().pre(image)
-        x = preprocess_tensor(pil_to_uint8(image), self._pixel_contract)  # [3, H, W] in [0, 255]
-        return x.round().clamp_(0, 255).to(torch.uint8)
+        # channel-first like every other backend input, so the engine batches one layout
+        return preprocess_np.pixels_for_graph(image, self.info.preprocessing).transpose(2, 0, 1)
 
-    def graph_input(self, pixels: torch.Tensor) -> np.ndarray:
+    def graph_input(self, pixels: np.ndarray) -> np.ndarray:
         """Engine batch ``[B, 3, H, W]`` -> the array the graph takes (NHWC uint8 or NCHW float32)."""
         if self.contract.uint8_input:
-            return np.ascontiguousarray(pixels.permute(0, 2, 3, 1).numpy(), dtype=np.uint8)
-        return np.ascontiguousarray(pixels.numpy(), dtype=np.float32)
+            return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1), dtype=np.uint8)
+        return np.ascontiguousarray(pixels, dtype=np.float32)
 
     @property
     def output_names(self) -> list[str]:
@@ -111,18 +108,17 @@ class ExportedBackend(Backend):
         return PATCH_OUTPUT in self.contract.outputs
 
     def features(self, outputs: Mapping[str, np.ndarray]) -> Features:
-        """Graph outputs -> :class:`Features` (float32 CPU tensors)."""
-        def grab(name: str) -> torch.Tensor:
-            return torch.from_numpy(np.asarray(outputs[name], dtype=np.float32))
+        """Graph outputs -> :class:`Features` (float32 arrays)."""
+        def grab(name: str) -> np.ndarray:
+            return np.asarray(outputs[name], dtype=np.float32)
 
         patch = grab(PATCH_OUTPUT) if self.has_patch_tokens else None
         return Features(cls=grab(CLS_OUTPUT), mean=grab(MEAN_OUTPUT), patch=patch)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         side = self.contract.resolution
-        dtype = torch.uint8 if self.contract.uint8_input else torch.float32
         for b in batch_sizes:
-            self.core(torch.zeros(b, 3, side, side, dtype=dtype))
+            self.core(np.zeros((b, 3, side, side), dtype=np.uint8 if self.contract.uint8_input else np.float32))
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "resolution": self.contract.resolution, "precision": self.contract.precision,

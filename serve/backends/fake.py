@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import time
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
-from dinoforge.core.preprocess import PreprocessConfig
+from dinoforge.core.image_contract import PreprocessConfig
 from dinoforge.serve.backends.base import Backend, Features, ModelInfo
 
 
@@ -33,19 +32,20 @@ class FakeBackend(Backend):
         pre = preprocessing or PreprocessConfig(mode="resize", size=28, resize_size=None, patch_size=7)
         super().__init__(ModelInfo(name="fake", embed_dim=embed_dim, preprocessing=pre,
                                    weights_sha256=f"fake-{embed_dim}-{seed}", patch_size=pre.patch_size))
-        gen = torch.Generator().manual_seed(seed)
-        self.proj = torch.randn(3, embed_dim, generator=gen)  # [3, D]
-        self.cls_proj = torch.randn(embed_dim, embed_dim, generator=gen) / embed_dim**0.5  # [D, D]
+        gen = np.random.default_rng(seed)
+        self.proj = gen.standard_normal((3, embed_dim), dtype=np.float32)  # [3, D]
+        self.cls_proj = gen.standard_normal((embed_dim, embed_dim), dtype=np.float32) / np.float32(embed_dim**0.5)
         self.delay_s = delay_s
         self.batch_sizes: list[int] = []  # every batch size seen, for engine tests
 
-    def core(self, pixels: torch.Tensor) -> Features:
+    def core(self, pixels: np.ndarray) -> Features:
         """``[B, 3, H, W]`` -> ``[B, D]`` and ``[B, N, D]``."""
         p = self.info.patch_size
-        colours = F.avg_pool2d(pixels.float(), kernel_size=p)  # [B, 3, h, w]
-        patch = torch.einsum("bchw,cd->bhwd", colours, self.proj).flatten(1, 2)  # [B, N, D]
-        patch = torch.tanh(patch)
-        cls = torch.tanh(patch.mean(dim=1) @ self.cls_proj)  # [B, D]
+        b, c, h, w = pixels.shape
+        grid = pixels[:, :, : h // p * p, : w // p * p].astype(np.float32).reshape(b, c, h // p, p, w // p, p)
+        colours = grid.mean(axis=(3, 5))  # [B, 3, h, w]: the mean colour of each patch
+        patch = np.tanh(np.einsum("bchw,cd->bhwd", colours, self.proj).reshape(b, -1, self.proj.shape[1]))
+        cls = np.tanh(patch.mean(axis=1) @ self.cls_proj)  # [B, D]
         self.batch_sizes.append(int(pixels.shape[0]))
         if self.delay_s:
             time.sleep(self.delay_s)

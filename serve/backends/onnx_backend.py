@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from dinoforge.core.errors import ArtifactError, MissingDependencyError
 from dinoforge.core.onnx_contract import CARD_COPY, GRAPH_GLOB, graph_filename
@@ -80,8 +80,8 @@ class OnnxRuntimeBackend(ExportedBackend):
             raise ArtifactError(f"{self.path}: inputs {inputs} do not match the export metadata "
                                 f"({self.contract.input_name})")
 
-    def core(self, pixels: torch.Tensor) -> Features:
-        """``[B, 3, H, W]`` -> features, through one ``session.run``."""
+    def core(self, pixels: np.ndarray) -> Features:
+        """``[B, 3, H, W]`` float32 (or ``[B, H, W, 3]`` uint8) -> features, through one ``session.run``."""
         names = self.output_names
         values = self.session.run(names, {self.contract.input_name: self.graph_input(pixels)})
         return self.features(dict(zip(names, values, strict=True)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dinoforge.core.errors import ArtifactError, ConfigError
@@ -96,7 +97,7 @@ class TensorRTBackend(ExportedBackend):
     def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return execute(self.trt, self.engine, self.context, {self.contract.input_name: x}, self.device)
 
-    def core(self, pixels: torch.Tensor) -> Features:
+    def core(self, pixels: np.ndarray) -> Features:
         """``[B, 3, H, W]`` -> features; batches above the engine profile's maximum run in parts."""
         x = torch.from_numpy(self.graph_input(pixels)).to(self.device)
         parts = [self._run(x[i:i + self.max_batch].contiguous()) for i in range(0, len(x), self.max_batch)]

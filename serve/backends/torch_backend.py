@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from dinoforge.core.artifact import ModelCard, load_artifact
+from dinoforge.core.preprocess import preprocess_image
 from dinoforge.core.backbone import DinoVisionTransformer
 from dinoforge.core.errors import ConfigError
 from dinoforge.serve.backends.base import Backend, Features, ModelInfo
@@ -46,18 +49,27 @@ class TorchBackend(Backend):
         self.model = backbone.eval().to(self.device)
 
     @classmethod
-    def from_artifact(cls, path: str | Path, *, device: str = "cpu", name: str | None = None) -> TorchBackend:
-        """Load an artifact directory (validated, hash checked)."""
+    def from_artifact(cls, path: str | Path, *, device: str = "cpu", name: str | None = None,
+                      threads: int | None = None) -> TorchBackend:
+        """Load an artifact directory (validated, hash checked); ``threads``: torch intra-op threads."""
+        if threads:
+            torch.set_num_threads(threads)
         art = load_artifact(path, load_heads=False)
         return cls(art.backbone, info_from_card(art.card, name), device=device)
 
-    def core(self, pixels: torch.Tensor) -> Features:
-        """``[B, 3, H, W]`` -> CLS ``[B, D]``, mean ``[B, D]``, patch tokens ``[B, N, D]`` (float32, CPU)."""
-        x = pixels.to(self.device, non_blocking=True)
+    def pre(self, image: Image.Image) -> np.ndarray:
+        """The torch preprocessing of evaluation (``core.preprocess``), bit for bit: float32 ``[3, H, W]``."""
+        return preprocess_image(image, self.info.preprocessing).numpy()
+
+    def core(self, pixels: np.ndarray) -> Features:
+        """``[B, 3, H, W]`` -> CLS ``[B, D]``, mean ``[B, D]``, patch tokens ``[B, N, D]`` (float32 arrays)."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device, non_blocking=True)
         autocast = self.dtype != torch.float32
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
             out = self.model.forward_dino(x)
-        return Features.from_tokens(out["x_norm_clstoken"].float().cpu(), out["x_norm_patchtokens"].float().cpu())
+            cls, patch = out["x_norm_clstoken"].float(), out["x_norm_patchtokens"].float()
+            mean = patch.mean(dim=1)  # in torch: the mean evaluation computes, not a numpy re-summation
+        return Features(cls=cls.cpu().numpy(), mean=mean.cpu().numpy(), patch=patch.cpu().numpy())
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from dinoforge.core.artifact import is_artifact, read_card
+from dinoforge.core.card import is_artifact, read_card
 from dinoforge.core.errors import ArtifactError, ConfigError, MissingDependencyError
 from dinoforge.core.onnx_contract import (CLS_OUTPUT, INPUT_NAME, MEAN_OUTPUT, PATCH_OUTPUT, RAW_INPUT_NAME,
                                           TRITON_GRAPH_FILE, graph_metadata)
@@ -158,7 +157,7 @@ class TritonBackend(ExportedBackend):
         result = self._call(self._client().infer, self.model, [inp], model_version=self.version, outputs=outputs)
         return {n: result.as_numpy(n) for n in self.output_names}
 
-    def core(self, pixels: torch.Tensor) -> Features:
+    def core(self, pixels: np.ndarray) -> Features:
         """``[B, 3, H, W]`` -> features; batches above Triton's ``max_batch_size`` go in several calls."""
         arr = self.graph_input(pixels)
         step = self.max_batch_size or len(arr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
@@ -35,7 +34,7 @@ async def classify(req: ClassifyRequest, request: Request, state: ServerState = 
     images = [decode_input(item, i) for i, item in enumerate(inputs)]
     result = await state.embed(request, images)
     # heads work on raw pooled features (the k-NN protocol normalises them itself)
-    feats = torch.from_numpy(state.pooled(result, PoolingOptions(pooling=head.card.pooling, normalize=False)))
+    feats = state.pooled(result, PoolingOptions(pooling=head.card.pooling, normalize=False))  # [n, D']
     ranked = head.top_k(feats, req.top_k)
     data = [{"index": i, "predictions": [{"label": label, "score": score} for label, score in preds]}
             for i, preds in enumerate(ranked)]

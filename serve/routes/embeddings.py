@@ -94,14 +94,14 @@ async def embed_images(state: ServerState, request: Request, images: list[bytes]
         check_response_size(len(images), dim, [per_image] * len(images), req, limit)
     result: EngineResult = await state.embed(request, images)
     vectors = state.pooled(result, options)  # [n, D']
-    patch_floats = [0 if row.patch is None else row.patch[0].numel() for row in result.rows]
+    patch_floats = [0 if row.patch is None else row.patch[0].size for row in result.rows]
     check_response_size(len(result.rows), vectors.shape[1], patch_floats, req, limit)
     data = []
     for i, vec in enumerate(vectors):
         item: dict[str, Any] = {"object": "embedding", "index": i, "embedding": encode_vector(vec, req.encoding_format)}
         patch = result.rows[i].patch
         if req.return_patch_tokens and patch is not None:
-            item.update(_patch_item(patch[0].numpy(), result.sizes[i], backend.info.patch_size, req))
+            item.update(_patch_item(patch[0], result.sizes[i], backend.info.patch_size, req))
         data.append(item)
     p = backend.info.patch_size
     tokens = sum(1 + (h // p) * (w // p) for h, w in result.sizes)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -17,12 +16,14 @@ from starlette.datastructures import UploadFile
 from dinoforge.serve.engine import EngineResult
 from dinoforge.serve.errors import InvalidInput, NotFound
 from dinoforge.serve.images import check_count
-from dinoforge.serve.index_store import IndexStore
 from dinoforge.serve.patch_pca import PatchPCA, patch_pca
 from dinoforge.serve.pooling import PoolingOptions
 from dinoforge.serve.responses import ERROR_RESPONSES, json_response, timing
 from dinoforge.serve.state import ServerState, get_state
 from dinoforge.serve.thumbnails import thumbnail_data_uri
+
+if TYPE_CHECKING:
+    from dinoforge.serve.index_store import IndexStore
 
 router = APIRouter(tags=["search page"])
 NO_PATCH_TOKENS = ("this model gives no patch tokens, so there is no patch-PCA view (an ONNX graph exported "
@@ -86,7 +87,7 @@ def pca_pictures(result: EngineResult, patch_size: int) -> list[PatchPCA]:
     for row, (h, w) in zip(result.rows, result.sizes, strict=True):
         if row.patch is None:
             raise InvalidInput(NO_PATCH_TOKENS)
-        tokens.append(row.patch[0].float().numpy())  # [h*w, D]
+        tokens.append(row.patch[0].astype(np.float32))  # [h*w, D]
         grids.append((h // patch_size, w // patch_size))
     return patch_pca(tokens, grids)
 
@@ -102,7 +103,7 @@ def _classify(state: ServerState, result: EngineResult, k: int) -> list[dict[str
     if head is None or backend is None:
         return None
     options = PoolingOptions(pooling=head.card.pooling, normalize=False)
-    feats = torch.from_numpy(state.pooled(result, options))  # [1, D'] raw: the head normalises as it was built
+    feats = state.pooled(result, options)  # [1, D'] raw: the head normalises as it was built
     return [{"label": label, "score": score} for label, score in head.top_k(feats, k)[0]]
 
 

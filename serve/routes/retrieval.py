@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -10,12 +11,14 @@ from fastapi.responses import Response
 
 from dinoforge.serve.errors import InvalidInput, NotFound
 from dinoforge.serve.images import check_count, decode_input
-from dinoforge.serve.index_store import IndexStore
 from dinoforge.serve.pooling import PoolingOptions
 from dinoforge.serve.responses import ERROR_RESPONSES, json_response, timing
 from dinoforge.serve.schemas import (IndexAddRequest, IndexAddResponse, IndexDeleteResponse, IndexInfo,
                                      SearchRequest, SearchResponse, as_list)
 from dinoforge.serve.state import ServerState, get_state
+
+if TYPE_CHECKING:
+    from dinoforge.serve.index_store import IndexStore
 
 router = APIRouter(tags=["retrieval"])
 

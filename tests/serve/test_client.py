@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dinoforge.core.errors import DataError
@@ -23,8 +22,8 @@ from tests.serve.helpers import encode
 
 def _expected(files: list[Path], pooling: Pooling = "cls") -> np.ndarray:
     backend = FakeBackend()
-    x = torch.stack([backend.pre(decode_image(p)) for p in files])
-    return backend.post(backend.core(x), PoolingOptions(pooling=pooling)).numpy()
+    x = np.stack([backend.pre(decode_image(p)) for p in files])
+    return backend.post(backend.core(x), PoolingOptions(pooling=pooling))
 
 
 def test_sync_client_embeds_folders_files_and_pil_images_in_order(fake_server: BackgroundServer,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import numpy as np
 import torch
 from PIL import Image
 
@@ -17,8 +18,8 @@ from tests.serve.helpers import encode, png_header
 
 def _reference(backend: FakeBackend, data: bytes) -> torch.Tensor:
     """CLS feature of one image computed alone (no batching)."""
-    x = backend.pre(decode_image(data)).unsqueeze(0)
-    return backend.core(x).cls[0]
+    x = backend.pre(decode_image(data))[None]
+    return torch.from_numpy(backend.core(x).cls[0])
 
 
 def _run(coro):
@@ -45,7 +46,7 @@ def test_concurrent_requests_share_batches_and_keep_their_own_results(sample_byt
     assert max(backend.batch_sizes) > 1, backend.batch_sizes  # requests were batched together
     assert sum(backend.batch_sizes) == 8
     for img, res in zip(images, results, strict=True):
-        torch.testing.assert_close(res.rows[0].cls[0], _reference(FakeBackend(), img))
+        torch.testing.assert_close(torch.from_numpy(res.rows[0].cls[0]), _reference(FakeBackend(), img))
         assert res.timing["inference_ms"] >= 50.0 and res.timing["queue_ms"] >= 0.0
 
 
@@ -60,7 +61,7 @@ def test_batches_never_exceed_max_batch_size_and_order_is_kept(sample_bytes: lis
     assert max(backend.batch_sizes) <= 8 and sum(backend.batch_sizes) == 20
     ref = FakeBackend()
     for img, row in zip(images, res.rows, strict=True):
-        torch.testing.assert_close(row.cls[0], _reference(ref, img))
+        torch.testing.assert_close(torch.from_numpy(row.cls[0]), _reference(ref, img))
 
 
 def test_images_of_different_sizes_are_batched_by_shape() -> None:
@@ -77,7 +78,7 @@ def test_images_of_different_sizes_are_batched_by_shape() -> None:
     assert [tuple(s) for s in res.sizes] == [(28, 28), (28, 56), (28, 28), (56, 28), (28, 56)]  # (H, W)
     ref = FakeBackend(preprocessing=pre)
     for img, row in zip(images, res.rows, strict=True):
-        torch.testing.assert_close(row.cls[0], _reference(ref, img))
+        torch.testing.assert_close(torch.from_numpy(row.cls[0]), _reference(ref, img))
 
 
 def test_full_queue_answers_overloaded_with_retry_after(sample_bytes: list[bytes]) -> None:
@@ -129,7 +130,7 @@ def test_backend_failure_becomes_inference_failed_and_engine_keeps_serving(sampl
     class Flaky(FakeBackend):
         calls = 0
 
-        def core(self, pixels: torch.Tensor):
+        def core(self, pixels: np.ndarray):
             Flaky.calls += 1
             if Flaky.calls == 1:
                 raise RuntimeError("simulated runtime fault")

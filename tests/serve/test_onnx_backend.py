@@ -54,16 +54,16 @@ def test_backend_matches_the_artifact(exports: dict[str, Path], tiny_artifact: P
     assert isinstance(backend, OnnxRuntimeBackend) and backend.contract.resolution == 56
     assert backend.has_patch_tokens == (kind == "float")
     images = sample_bytes[::5]
-    feats = backend.core(torch.stack([backend.pre(decode_image(b)) for b in images]))
+    feats = backend.core(np.stack([backend.pre(decode_image(b)) for b in images]))
     cls, mean, patch = _torch_features(art, images, art.card.preprocessing)
     poolings: tuple[Pooling, ...] = ("cls", "mean", "cls+mean")
     for pooling in poolings:
-        got = backend.post(feats, PoolingOptions(pooling=pooling))
+        got = torch.from_numpy(backend.post(feats, PoolingOptions(pooling=pooling)))
         want = F.normalize(torch.cat([cls, mean], -1) if pooling == "cls+mean" else
                            (cls if pooling == "cls" else mean), dim=-1)
         assert float((got * want).sum(-1).min()) >= min_cos, pooling
     if kind == "float":
-        torch.testing.assert_close(feats.patch, patch, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(feats.patch), patch, atol=1e-4, rtol=1e-4)
 
 
 def test_second_resolution_uses_the_scaled_contract(exports: dict[str, Path], tiny_artifact: Path,
@@ -73,9 +73,9 @@ def test_second_resolution_uses_the_scaled_contract(exports: dict[str, Path], ti
     pre = backend.info.preprocessing
     assert (pre.mode, pre.size, pre.resize_size) == ("center_crop", 84, 96)  # same 64/56 crop ratio
     images = sample_bytes[40:60]
-    feats = backend.core(torch.stack([backend.pre(decode_image(b)) for b in images]))
+    feats = backend.core(np.stack([backend.pre(decode_image(b)) for b in images]))
     cls, _, patch = _torch_features(art, images, pre)
-    torch.testing.assert_close(feats.cls, cls, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(feats.cls), cls, atol=1e-4, rtol=1e-4)
     assert feats.patch is not None and feats.patch.shape[1] == 36 == patch.shape[1]
     with pytest.raises(ArtifactError, match="no graph at resolution 112"):
         OnnxRuntimeBackend(exports["float"], resolution=112)
