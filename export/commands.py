@@ -1,8 +1,9 @@
-"""``dinoforge export {onnx,check-trt,tensorrt,triton}`` (argparse only; work is imported when a command runs)."""
+"""``dinoforge export {onnx,edge,check-trt,tensorrt,triton}`` (argparse only; work is imported when a command runs)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="export an artifact to ONNX / TensorRT / Triton, gated by parity")
     sub = parser.add_subparsers(dest="export_command", metavar="TARGET", required=True)
     _register_onnx(sub)
+    _register_edge(sub)
     _register_check_trt(sub)
     _register_tensorrt(sub)
     _register_triton(sub)
@@ -50,6 +52,28 @@ def _register_onnx(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     _add_parity_flags(p)
     p.set_defaults(func=_onnx)
+
+
+def _register_edge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("edge", help="one self-contained folder for an edge device: graph, card, checksums, "
+                                    "parity report, trtexec command (docs/edge.md)")
+    p.add_argument("artifact", type=Path, help="model artifact directory")
+    p.add_argument("--out", type=Path, required=True, help="output directory (created atomically)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    p.add_argument("--input", choices=["uint8", "float"], default="uint8",
+                   help="uint8 = camera pixels [B, H, W, 3], normalised inside the graph (default); "
+                        "float = normalised float32 [B, 3, H, W]")
+    p.add_argument("--resolution", dest="resolutions", help="input size N or HxW (default: the card's crop size)")
+    p.add_argument("--patch-tokens", action="store_true", help="also output the patch tokens")
+    p.add_argument("--calibration", type=Path, help="image folder for int8 calibration (required for int8)")
+    p.add_argument("--calibration-limit", type=int, default=64, help="calibration images (default 64)")
+    p.add_argument("--int8-scheme", choices=["cpu", "tensorrt"], default="cpu",
+                   help="cpu = uint8 activations (ONNX Runtime CPU); tensorrt = int8 symmetric (trtexec)")
+    p.add_argument("--opt-batch", type=int, default=8, help="batch size of the trtexec profile's optimum")
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch of the trtexec profile")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    _add_parity_flags(p)
+    p.set_defaults(func=_edge)
 
 
 def _register_check_trt(sub: argparse._SubParsersAction) -> None:
@@ -116,6 +140,23 @@ def _onnx(args: argparse.Namespace) -> int:
     report = export_onnx(args.artifact, args.out, opts)
     print(format_report(report))
     print(f"wrote {args.out}")
+    return 0
+
+
+def _edge(args: argparse.Namespace) -> int:
+    from dinoforge.export.edge import EdgeExportOptions, export_edge
+    from dinoforge.export.report import format_report
+
+    opts = _onnx_options(args, resolutions=args.resolutions, patch_tokens=args.patch_tokens,
+                         calibration_limit=args.calibration_limit, int8_scheme=args.int8_scheme,
+                         overwrite=args.overwrite)
+    edge = export_edge(args.artifact, args.out, opts, EdgeExportOptions(input=args.input, opt_batch=args.opt_batch,
+                                                                        max_batch=args.max_batch))
+    print(format_report(json.loads((args.out / "parity.json").read_text())))
+    contract = edge["input"]
+    print(f"input {contract['name']} {contract['dtype']} {contract['layout']} {contract['shape']}; "
+          f"TensorRT lint: {edge['tensorrt_lint']['errors']} errors")
+    print(f"wrote {args.out}: {sum(1 for _ in args.out.iterdir())} files, {edge['bytes'] / 1e6:.2f} MB")
     return 0
 
 

@@ -1,0 +1,86 @@
+"""``dinoforge export edge``: the self-contained device folder, and the uint8 graph equal to the float one."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from dinoforge.core import preprocess_np
+from dinoforge.core.card import read_card
+from dinoforge.core.cli import main as cli_main
+from dinoforge.core.preprocess import decode_image
+
+pytestmark = pytest.mark.slow  # two real exports with parity checks
+
+COMMON = ["--parity-limit", "8", "--knn-limit", "0"]
+
+
+@pytest.fixture(scope="module")
+def edge_dirs(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The two input kinds exported; ``printed`` is what the uint8 command printed."""
+    root = tmp_path_factory.mktemp("edge")
+    printed = io.StringIO()
+    for kind in ("uint8", "float"):
+        with contextlib.redirect_stdout(printed if kind == "uint8" else io.StringIO()):
+            assert cli_main(["export", "edge", str(tiny_artifact), "--out", str(root / kind), "--input", kind,
+                             *COMMON]) == 0
+    (root / "printed.txt").write_text(printed.getvalue())
+    return {"uint8": root / "uint8", "float": root / "float", "printed": root / "printed.txt"}
+
+
+def _session(folder: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(folder / "model_56.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_folder_is_self_contained_and_checksummed(edge_dirs: dict[str, Path], tiny_artifact: Path) -> None:
+    folder = edge_dirs["uint8"]
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"model_56.onnx", "model.json", "export.json", "parity.json", "edge.json", "README.md",
+                     "build_engine.sh", "SHA256SUMS"}
+    for line in (folder / "SHA256SUMS").read_text().splitlines():  # sha256sum -c format
+        digest, name = line.split("  ")
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    assert read_card(folder).weights_sha256 == read_card(tiny_artifact).weights_sha256
+    edge = json.loads((folder / "edge.json").read_text())
+    assert edge["input"] | {"caller_does": ""} == {
+        "name": "pixels", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", 56, 56, 3], "resolution": [56, 56],
+        "normalisation_in_graph": True, "mean": list(read_card(tiny_artifact).preprocessing.mean),
+        "std": list(read_card(tiny_artifact).preprocessing.std), "caller_does": ""}
+    assert edge["tensorrt_lint"]["errors"] == 0
+    assert "--minShapes=pixels:1x56x56x3" in edge["trtexec"] and "--maxShapes=pixels:32x56x56x3" in edge["trtexec"]
+    script = (folder / "build_engine.sh").read_text()
+    assert script.startswith("#!/bin/sh") and "trtexec --onnx=model_56.onnx" in script
+    assert "trtexec --onnx=model_56.onnx" in (folder / "README.md").read_text()
+    assert json.loads((folder / "parity.json").read_text())["passed"] is True
+    float_edge = json.loads((edge_dirs["float"] / "edge.json").read_text())
+    assert float_edge["input"]["shape"] == ["batch", 3, 56, 56] and float_edge["input"]["dtype"] == "float32"
+    size = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+    assert f"8 files, {size:.2f} MB" in edge_dirs["printed"].read_text()  # the folder size is printed
+
+
+def test_folded_uint8_graph_equals_float_graph_on_real_images(edge_dirs: dict[str, Path],
+                                                              sample_images_dir: Path) -> None:
+    """Cast, NHWC -> NCHW and normalisation inside the graph = the same steps on the host, to float precision."""
+    cfg = read_card(edge_dirs["uint8"]).preprocessing
+    files = sorted(sample_images_dir.glob("*.png"))[::4]  # 25 real photos of five data sets
+    pixels = np.stack([preprocess_np.pixels_for_graph(decode_image(p), cfg) for p in files])  # [B, 56, 56, 3]
+    host = np.ascontiguousarray(preprocess_np.normalize(pixels, cfg).transpose(0, 3, 1, 2))  # [B, 3, 56, 56]
+    names = ["cls_embedding", "mean_embedding"]
+    folded = _session(edge_dirs["uint8"]).run(names, {"pixels": pixels})
+    unfolded = _session(edge_dirs["float"]).run(names, {"pixel_values": host})
+    for got, want in zip(folded, unfolded, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_two_resolutions_are_refused(tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = cli_main(["export", "edge", str(tiny_artifact), "--out", str(tmp_path / "x"), "--resolution", "56,84",
+                       *COMMON])
+    assert status != 0 and "one graph" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
