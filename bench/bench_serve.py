@@ -114,7 +114,7 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
 def bench_raw(backend, jpegs: list[bytes], c: int, seconds: float) -> dict:
     from dinoforge.core.preprocess import decode_image
 
-    x = torch.stack([backend.pre(decode_image(jpegs[i % len(jpegs)])) for i in range(c)])  # pre-decoded [c, 3, H, W]
+    x = np.stack([backend.pre(decode_image(jpegs[i % len(jpegs)])) for i in range(c)])  # pre-decoded [c, 3, H, W]
     backend.core(x)  # warm-up
     lat, start = [], time.perf_counter()
     while time.perf_counter() - start < seconds or not lat:

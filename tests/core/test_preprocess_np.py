@@ -31,7 +31,8 @@ def _large_photo() -> Path | None:
 @pytest.mark.parametrize("name", sorted(CONTRACTS))
 def test_numpy_equals_torch_on_real_images(sample_images_dir: Path, name: str) -> None:
     cfg = CONTRACTS[name]
-    for path in sorted(sample_images_dir.glob("*.png"))[::7]:  # CIFAR, ImageNet, MNIST, F-MNIST samples
+    files = sorted(sample_images_dir.glob("imagenet_*.jpg"))[::4] + sorted(sample_images_dir.glob("*.png"))[::7]
+    for path in files:  # ImageNet photos (JPEG), CIFAR-10/100, MNIST, Fashion-MNIST samples (PNG)
         img = decode_image(path)
         want = preprocess_image(img, cfg).numpy()  # [3, H, W]
         got = preprocess_np.preprocess_image(img, cfg)

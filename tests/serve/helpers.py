@@ -69,10 +69,12 @@ def png_header(width: int, height: int) -> bytes:
 class ServeProcess:
     """``dinoforge serve ARGS`` in a subprocess on a free port; waits for ``/ready``."""
 
-    def __init__(self, args: list[str], *, timeout_s: float = 90.0, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], *, timeout_s: float = 90.0, env: dict[str, str] | None = None,
+                 python: str | os.PathLike[str] = sys.executable) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "dinoforge.core.cli", "serve", *args, "--port", str(self.port),
+        # python: another environment's interpreter (the torch-free edge venv) serves the same way
+        cmd = [str(python), "-m", "dinoforge.core.cli", "serve", *args, "--port", str(self.port),
                "--log-level", "warning"]
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env)
