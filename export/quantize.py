@@ -11,6 +11,12 @@ Choices and why:
   which is where ViT quantization error concentrates;
 * calibration: MinMax by default (fast, and robust on the small calibration sets used here); percentile
   and entropy are available for models with activation outliers.
+
+The variants ``bench/bench_int8.py`` compares (the export default stays the QDQ ``cpu`` scheme until one of
+them measures faster on a quiet machine): ONNX Runtime's transformer fusions first
+(:func:`fuse_transformer`: GELU, skip + LayerNorm, attention where its pattern matches), the QOperator format
+instead of QDQ, per-tensor instead of per-channel weights, and dynamic quantization (activations quantized
+per batch at run time, no calibration) of the same weight matmuls.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dinoforge.export.errors import ExportError
 log = logging.getLogger(__name__)
 CalibMethod = Literal["minmax", "percentile", "entropy"]
 Int8Scheme = Literal["cpu", "tensorrt"]
+QuantFormatName = Literal["qdq", "qoperator"]
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:
@@ -54,9 +61,46 @@ class _BatchReader:
         raise NotImplementedError("calibration data is read once")
 
 
+def fuse_transformer(model: onnx.ModelProto, num_heads: int, hidden_size: int
+                     ) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """ONNX Runtime's transformer fusions (its python fusion pass, no graph-level optimisation).
+
+    Returns:
+        The fused graph (``com.microsoft`` ops: ``Gelu``, ``SkipLayerNormalization``, ``Attention`` where the
+        attention pattern matches) and how many of each fused operator it holds.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = optimize_model(model, model_type="vit", num_heads=num_heads, hidden_size=hidden_size,
+                           optimization_options=FusionOptions("vit"), opt_level=0)
+    stats = {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
+    model = fused.model
+    if stats and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        # the fused operators live in ONNX Runtime's domain; shape inference (dynamic quantization) needs it declared
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model, stats
+
+
+def quantize_dynamic_int8(model: onnx.ModelProto, *, per_channel: bool = True) -> onnx.ModelProto:
+    """Dynamic int8 of the weight matmuls: weights int8 offline, activations quantized per batch at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = weight_matmuls(model)
+    if not nodes:
+        raise ExportError("no weight MatMul/Gemm found to quantize")
+    with tempfile.TemporaryDirectory(prefix="dinoforge-int8-") as tmp:
+        src, dst = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
+        onnx.save_model(model, str(src))
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         nodes_to_quantize=nodes)
+        return onnx.load(str(dst))
+
+
 def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: Int8Scheme = "cpu",
-                  method: CalibMethod = "minmax", batch: int = 16) -> onnx.ModelProto:
-    """Quantize an fp32 graph to int8 QDQ.
+                  method: CalibMethod = "minmax", batch: int = 16, quant_format: QuantFormatName = "qdq",
+                  per_channel: bool = True) -> onnx.ModelProto:
+    """Quantize an fp32 graph to int8 (QDQ by default).
 
     Args:
         model: fp32 graph with one input.
@@ -64,6 +108,9 @@ def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: In
         scheme: ``cpu`` (uint8 asymmetric activations) or ``tensorrt`` (int8 symmetric, zero points 0).
         method: calibration method.
         batch: calibration batch size.
+        quant_format: ``qdq`` (Q/DQ pairs around float ops, the format TensorRT reads) or ``qoperator``
+            (quantized operators such as ``QLinearMatMul``; ONNX Runtime only).
+        per_channel: one weight scale per output channel (default) or one per tensor.
 
     Returns:
         The quantized graph (metadata is not copied; the caller sets it).
@@ -87,7 +134,8 @@ def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: In
         symmetric = scheme == "tensorrt"
         extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True, "CalibPercentile": 99.99}
         activation = QuantType.QInt8 if symmetric else QuantType.QUInt8
-        quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+        quantize_static(str(pre), str(dst), reader, quant_format=formats[quant_format], per_channel=per_channel,
                         activation_type=activation, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                         calibrate_method=methods[method], extra_options=extra)
         log.info("quantized %d weight matmuls to int8 (%s scheme, calibration: %d inputs, %s)", len(nodes),

@@ -1,0 +1,152 @@
+"""int8 variants against fp32 on ONNX Runtime's CPU provider: throughput at one batch size, k-NN drop.
+
+    python bench/bench_int8.py [--artifact DIR ...] [--batch 8] [--threads 2] [--iters 20] [--knn-images 1000]
+    python bench/bench_int8.py --quick      # smoke test: the tiny test model, 2 iterations, 40 k-NN images
+
+Without ``--artifact`` it runs a random ViT-S/14 at 224 px and the random ``test`` student (weights do not
+change speed; pass trained artifacts for the k-NN drop to mean anything). For each model the fp32 graph of
+``dinoforge export onnx`` is quantized several ways (``export/quantize.py``):
+
+* ``qdq`` — today's export default: static QDQ, uint8 activations, per-channel int8 weights, weight matmuls only;
+* ``qdq-per-tensor`` — the same with one weight scale per tensor;
+* ``fused+qdq`` / ``fused+qoperator`` — ONNX Runtime's transformer fusions (GELU, skip + LayerNorm, attention
+  where its pattern matches) first, then static QDQ or QOperator (``QLinearMatMul``);
+* ``dynamic`` / ``fused+dynamic`` — dynamic quantization of the same matmuls (no calibration).
+
+Each graph runs in its own session (``--threads`` intra-op threads) on ``--batch`` real images: the median of
+``--iters`` timed runs gives img/s and the speed-up over fp32; min cosine of the CLS embedding against fp32 on
+the same images; DINOv2 k-NN top-1 on Fashion-MNIST (``--knn-images`` train as index, as many test as queries)
+and the drop against fp32 in points. Targets (issue "Edge runtime"): int8 >= 2.0x fp32 at batch 8 with
+2 threads, drop <= 0.5 pt. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from bench_export import _random_artifacts, _time
+
+from dinoforge.core.artifact import Artifact, load_artifact
+from dinoforge.core.onnx_contract import CLS_OUTPUT, MEAN_OUTPUT
+from dinoforge.core.pooling import pool
+from dinoforge.export.graph import ExportableViT
+from dinoforge.export.onnx_export import export_module
+from dinoforge.export.parity import knn_predict, run_session
+from dinoforge.export.parity_data import default_image_dir, load_fmnist_knn, load_images, pixels_to_input, to_pixels
+from dinoforge.export.parity_eval import session_for
+from dinoforge.export.quantize import fuse_transformer, quantize_dynamic_int8, quantize_int8
+
+
+def variants(fp32: onnx.ModelProto, calib: np.ndarray, art: Artifact) -> tuple[dict[str, onnx.ModelProto],
+                                                                              dict[str, int]]:
+    """Every graph to compare (fp32 first) and the fused-operator counts of the fusion pass."""
+    arch = art.card.architecture
+    fused, stats = fuse_transformer(fp32, arch.num_heads, arch.embed_dim)
+    builders: dict[str, Callable[[], onnx.ModelProto]] = {
+        "fp32": lambda: fp32,
+        "fused fp32": lambda: fused,
+        "qdq": lambda: quantize_int8(fp32, calib),
+        "qdq-per-tensor": lambda: quantize_int8(fp32, calib, per_channel=False),
+        "fused+qdq": lambda: quantize_int8(fused, calib),
+        "fused+qoperator": lambda: quantize_int8(fused, calib, quant_format="qoperator"),
+        "dynamic": lambda: quantize_dynamic_int8(fp32),
+        "fused+dynamic": lambda: quantize_dynamic_int8(fused),
+    }
+    out = {}
+    for name, build in builders.items():
+        try:
+            out[name] = build()
+        except Exception as err:  # noqa: BLE001 - a variant ONNX Runtime cannot build is a result, not a crash
+            print(f"  {name}: not built: {type(err).__name__}: {err}", flush=True)
+    return out, stats
+
+
+def knn_accuracy(session: Any, x: np.ndarray, train_y: torch.Tensor, test_y: torch.Tensor, pooling: str) -> float:
+    """Top-1 k-NN accuracy of a graph: the first ``len(train_y)`` rows of ``x`` are the index."""
+    out = run_session(session, x, 32)
+    emb = pool(out[CLS_OUTPUT], out[MEAN_OUTPUT], pooling)
+    pred = knn_predict(emb[:len(train_y)], train_y, emb[len(train_y):])
+    return float((pred == test_y).double().mean())
+
+
+def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Every variant of one artifact: img/s, speed-up, cosine and k-NN drop against fp32."""
+    art = load_artifact(path)
+    pre = art.card.preprocessing
+    hw = (pre.size, pre.size)
+    images = load_images(default_image_dir(), args.batch + 32)
+    x_all = pixels_to_input(to_pixels(images, pre, hw), pre).numpy()
+    x, calib = np.ascontiguousarray(x_all[:args.batch]), x_all[-32:]
+    fp32, _ = export_module(ExportableViT(art.backbone, hw))
+    graphs, stats = variants(fp32, calib, art)
+    knn = None
+    if args.knn_images:
+        train, train_y, test, test_y = load_fmnist_knn(limit=args.knn_images)
+        knn = (pixels_to_input(to_pixels(train + test, pre, hw), pre).numpy(), train_y, test_y)
+    rows: list[dict[str, Any]] = []
+    ref = None
+    for name, model in graphs.items():
+        session = session_for(model, args.threads)
+        seconds = statistics.median(_time(lambda s=session: s.run([CLS_OUTPUT], {s.get_inputs()[0].name: x}),
+                                          args.iters))
+        cls = run_session(session, x, args.batch)[CLS_OUTPUT]
+        ref = cls if ref is None else ref
+        row = {"variant": name, "img_per_s": args.batch / seconds, "bytes": model.ByteSize(),
+               "min_cosine_vs_fp32": float(torch.nn.functional.cosine_similarity(cls, ref).min())}
+        if knn is not None:
+            row["knn_accuracy"] = knn_accuracy(session, knn[0], knn[1], knn[2], art.card.default_pooling)
+        rows.append(row)
+        print(f"  {art.card.name:>16s} {name:16s} {row['img_per_s']:9.1f} img/s", flush=True)
+    for row in rows:
+        row["speedup_vs_fp32"] = row["img_per_s"] / rows[0]["img_per_s"]
+        if knn is not None:
+            row["knn_drop_pt"] = 100 * (rows[0]["knn_accuracy"] - row["knn_accuracy"])
+    return {"artifact": art.card.name, "resolution": pre.size, "fused_operators": stats, "rows": rows}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"{result['artifact']} at {result['resolution']} px; fusions: {result['fused_operators']}",
+             f"{'variant':16s} {'img/s':>9s} {'x fp32':>7s} {'min cos':>8s} {'k-NN drop pt':>12s} {'MB':>7s}"]
+    for r in result["rows"]:
+        drop = f"{r['knn_drop_pt']:12.2f}" if "knn_drop_pt" in r else f"{'-':>12s}"
+        lines.append(f"{r['variant']:16s} {r['img_per_s']:9.1f} {r['speedup_vs_fp32']:7.2f} "
+                     f"{r['min_cosine_vs_fp32']:8.5f} {drop} {r['bytes'] / 1e6:7.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", type=Path, action="append", default=[])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--knn-images", type=int, default=1000, help="0 disables the k-NN check")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 iterations, 40 k-NN images")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.iters, args.knn_images = 2, min(args.knn_images, 40)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = args.artifact or _random_artifacts(Path(tmp))[1 if args.quick else 0:]
+        results = [bench_model(a, args) for a in artifacts]
+    for result in results:
+        print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps({"batch": args.batch, "threads": args.threads, "results": results},
+                                        indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Smoke test of bench/bench_int8.py: every int8 variant is built, runs and stays close to fp32 (no timing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.bench.conftest import RunBench
+
+pytestmark = pytest.mark.slow  # one export, six quantizations, eight sessions
+
+
+def test_every_variant_runs_and_keeps_the_embedding(run_bench: RunBench, tmp_path: Path) -> None:
+    out = tmp_path / "int8.json"
+    done = run_bench("bench_int8.py", "--quick", "--json", str(out), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["results"]
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"fp32", "fused fp32", "qdq", "qdq-per-tensor", "fused+qdq", "fused+qoperator", "dynamic",
+                         "fused+dynamic"}
+    # the fusion pass found the MLP's GELU and the residual + LayerNorm pairs of the two blocks
+    assert result["fused_operators"].get("Gelu") == 2 and result["fused_operators"].get("SkipLayerNormalization")
+    assert rows["fused fp32"]["min_cosine_vs_fp32"] > 0.99999  # fusion alone changes nothing
+    for name, row in rows.items():
+        assert row["min_cosine_vs_fp32"] > 0.99, name
+        assert row["img_per_s"] > 0 and "knn_drop_pt" in row, name
+        if name not in ("fp32", "fused fp32"):
+            assert row["bytes"] < 0.6 * rows["fp32"]["bytes"], name  # int8 weights
+    assert f"{'variant':16s}" in done.stdout  # the table is printed
