@@ -12,7 +12,7 @@
   ``--seconds`` per window, ``bench_serve.bench_serve``) against the edge server and the full server on the same
   ONNX graph, in ``--rounds`` adjacent pairs; the ratio edge / full per pair and its median.
 
-int8 vs fp32 (ViT-S/14 and the student, batch 8, 2 threads) is ``bench/bench_export.py --batches 8 --threads 2``.
+int8 vs fp32 (ViT-S/14 and the student, batch 8, 2 threads) is ``bench/bench_int8.py``.
 Run it on a quiet machine: every figure here is a wall-clock time or a rate.
 """
 
