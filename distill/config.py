@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from dinoforge.core.backbone import BackboneConfig, get_arch
 from dinoforge.core.config import StrictModel, load_config, recipe_names_in, resolve_recipe_in
 from dinoforge.core.errors import ConfigError
+from dinoforge.core.pooling import Pooling
 from dinoforge.pretrain.blocks import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -102,6 +103,8 @@ class StudentConfig(StrictModel):
     backbone: dict[str, Any] = Field(default_factory=dict, description="BackboneConfig fields")
     init: str | None = Field(None, description="initialise the backbone from this artifact or checkpoint")
     seed: int | None = Field(None, description="initialisation seed (default: the run seed)")
+    pooling: Pooling = Field("cls", description="the artifact card's default pooling: the vector serving, "
+                             "export parity and evaluation use (cls, mean, cls+mean)")
 
     @model_validator(mode="after")
     def _check_arch(self) -> StudentConfig:
@@ -160,6 +163,8 @@ class FeatureModeConfig(StrictModel):
         "auto", description="auto: linear when the widths differ, nothing when they are equal")
     adaptor_hidden_dim: int | None = Field(None, gt=0, description="mlp adaptor width (default: 2 x teacher's)")
     local_crops: bool = Field(True, description="also distil on the local crops (teacher sees them too)")
+    mixup: float = Field(0.0, ge=0, le=1, description="probability that a crop is blended with another crop of "
+                         "its group (weight uniform in [0, 1]); teacher and student see the same blend")
 
     @model_validator(mode="after")
     def _check_weights(self) -> FeatureModeConfig:

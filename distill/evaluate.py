@@ -22,10 +22,13 @@ import numpy as np
 import torch
 import yaml
 
+from dinoforge.core.artifact import read_card
 from dinoforge.core.errors import ConfigError
 from dinoforge.core.eval.model import PIXEL_CONTRACT, EvalModel, load_eval_model
 from dinoforge.core.eval.runner import run_knn
 from dinoforge.core.fileio import atomic_write_json
+from dinoforge.core.onnx_contract import CLS_OUTPUT, MEAN_OUTPUT
+from dinoforge.core.pooling import pool
 from dinoforge.core.preprocess import PreprocessConfig
 from dinoforge.distill.config import DistillConfig, TeacherConfig
 from dinoforge.distill.external_teacher import ExternalTeacher, ViewNorm
@@ -47,17 +50,18 @@ class TeacherExtractor:
 
 
 class OnnxExtractor:
-    """``{"cls": [B, D]}`` from an exported graph's ``cls_embedding`` output (onnxruntime, CPU)."""
+    """``{pooling: [B, D']}`` from an exported graph's class and mean outputs (onnxruntime, CPU)."""
 
-    def __init__(self, graph: Path) -> None:
+    def __init__(self, graph: Path, pooling: str = "cls") -> None:
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.pooling = pooling
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        (cls,) = self.session.run(["cls_embedding"], {self.input_name: pixels.float().numpy()})
-        return {"cls": torch.from_numpy(np.asarray(cls))}
+        cls, mean = self.session.run([CLS_OUTPUT, MEAN_OUTPUT], {self.input_name: pixels.float().numpy()})
+        return {self.pooling: torch.from_numpy(pool(np.asarray(cls), np.asarray(mean), self.pooling))}
 
 
 def teacher_eval_model(cfg: TeacherConfig) -> EvalModel:
@@ -75,20 +79,18 @@ def teacher_eval_model(cfg: TeacherConfig) -> EvalModel:
 
 def onnx_eval_model(folder: Path) -> EvalModel:
     """An ONNX export directory (``dinoforge export onnx``) with the preprocessing of the card it carries."""
-    from dinoforge.core.artifact import read_card
-
     graphs = sorted(folder.glob("model_*.onnx"))
     if not graphs:
         raise ConfigError(f"{folder} holds no exported graph (model_*.onnx)")
     card = read_card(folder)
-    return EvalModel(OnnxExtractor(graphs[0]), card.preprocessing, f"{card.name} onnx:{folder.name}", "checkpoint",
+    return EvalModel(OnnxExtractor(graphs[0], card.default_pooling), card.preprocessing, f"{card.name} onnx:{folder.name}", "checkpoint",
                      None, str(graphs[0]))
 
 
 def _score(model: EvalModel, protocol: str, fmnist: tuple[str, str], batch_size: int) -> dict[str, Any]:
     train, test = (TUXPAINT, None) if protocol == "tuxpaint" else fmnist
     report = run_knn(model, train, test, ks=[K], temperature=TEMPERATURE, batch_size=batch_size, progress=False)
-    result = report["results"]["cls" if "cls" in report["results"] else next(iter(report["results"]))]
+    result = next(iter(report["results"].values()))  # every model here computes exactly one pooling
     return {"top1": result["top1"][str(K)], "n_train": result["n_train"], "n_test": result["n_test"],
             "seconds": report["total_seconds"]}
 
@@ -125,8 +127,8 @@ def run_models(run_dir: Path, *, teacher: bool, pixels: bool, onnx: Sequence[Pat
             load_eval_model(str(cfg.teacher.path))
     for student in cfg.students:
         art = run_dir / "artifacts" / student.name
-        if art.is_dir():
-            models[student.name] = load_eval_model(art)
+        if art.is_dir():  # scored by the vector its card promises (what serving returns)
+            models[student.name] = load_eval_model(art, poolings=(read_card(art).default_pooling,))
     for folder in onnx:
         models[f"onnx:{folder.name}"] = onnx_eval_model(folder)
     if pixels:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dinoforge.core.artifact import Provenance, save_artifact
+from dinoforge.core.pooling import Pooling
 from dinoforge.core.backbone import DinoVisionTransformer
 from dinoforge.core.backbone.heads import DINOHead
 from dinoforge.core.preprocess import PreprocessConfig
@@ -66,7 +67,7 @@ def student_metrics(metrics: dict[str, Any], name: str) -> dict[str, float]:
 def write_student_artifact(out_dir: Path, model: PlainTeacher, *, name: str, slot: StudentSlot,
                            teacher: TeacherInfo, preprocess: PreprocessConfig, recipe: str, mode: str,
                            data_sha256: str, metrics: dict[str, float], details: dict[str, Any],
-                           include_heads: bool) -> Path:
+                           include_heads: bool, pooling: Pooling = "cls") -> Path:
     """Write one student's EMA as an artifact (replacing an older one atomically).
 
     The provenance names the teacher: ``parent_sha256`` is the teacher artifact's ``weights_sha256`` (or the
@@ -79,4 +80,4 @@ def write_student_artifact(out_dir: Path, model: PlainTeacher, *, name: str, slo
                                "student_init": slot.init, **details})
     heads = model.heads if include_heads and model.heads else None
     return save_artifact(out_dir, model.backbone, name=name, provenance=prov, preprocessing=preprocess,
-                         heads=heads, overwrite=True)
+                         heads=heads, default_pooling=pooling, overwrite=True)

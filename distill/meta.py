@@ -194,7 +194,11 @@ class DistillMeta(nn.Module):
             raise DataError("bad batch: it needs global_crops (pretraining batch layout)")
         local = batch.get("local_crops")
         use_local = self.feature_cfg.local_crops and local is not None and local.shape[0] > 0
-        return [batch["global_crops"], local] if use_local else [batch["global_crops"]]
+        groups = [batch["global_crops"], local] if use_local else [batch["global_crops"]]
+        if self.feature_cfg.mixup > 0:
+            step = int(batch.get("data_step", 0))
+            groups = [mix_views(g, self.feature_cfg.mixup, seed=step * 16 + i) for i, g in enumerate(groups)]
+        return groups
 
     def _feature_losses(self, slot: StudentSlot, crops: list[torch.Tensor],
                         teacher_feats: list[dict]) -> dict[str, torch.Tensor]:
@@ -252,3 +256,27 @@ def _accumulate(logged: dict[str, torch.Tensor], name: str, losses: dict[str, to
     for key, value in losses.items():
         full = f"{name}/{key}"
         logged[full] = logged.get(full, 0.0) + value.detach() * scale
+
+
+def mix_views(crops: torch.Tensor, probability: float, *, seed: int) -> torch.Tensor:
+    """Blend some crops with another crop of the same group (function matching's mixup).
+
+    The teacher is queried on the blend too, so its targets stay exact: the student learns the teacher's
+    function between images, not only at the few thousand real ones a small data set has. Deterministic in
+    ``seed`` (the data step), so a resumed run draws the same blends.
+
+    Args:
+        crops: ``[N, 3, H, W]`` normalised views.
+        probability: share of crops that are blended.
+        seed: random stream of this group at this step.
+
+    Returns:
+        ``[N, 3, H, W]``: ``w * x_i + (1 - w) * x_perm(i)`` with ``w ~ U(0, 1)`` where blended, else ``x_i``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = crops.shape[0]
+    partner = torch.randperm(n, generator=gen)  # [N]
+    weight = torch.rand(n, generator=gen)  # [N]
+    weight = torch.where(torch.rand(n, generator=gen) < probability, weight, torch.ones(n))
+    weight = weight.view(n, 1, 1, 1).to(crops.dtype)
+    return crops * weight + crops[partner] * (1 - weight)

@@ -195,12 +195,13 @@ class DistillSpec:
         base = self.cfg.artifact.name or f"dinoforge-distill-{run_dir.name}"
         details = {"step": step, "data": self.cfg.data.source, "run_dir": str(run_dir),
                    "world_size": self.rt.world_size}
+        poolings = {student.name: student.pooling for student in self.cfg.students}
         for slot in self.slots:
             path = write_student_artifact(
                 root / slot.name, students[slot.name], name=f"{base}-{slot.name}", slot=slot,
                 teacher=self.teacher_info, preprocess=self.preprocess[slot.name], recipe=config_to_yaml(self.cfg),
                 mode=self.cfg.mode, data_sha256=self.source.fingerprint, metrics=student_metrics(dict(last), slot.name),
-                details=details, include_heads=self.cfg.artifact.include_heads)
+                details=details, include_heads=self.cfg.artifact.include_heads, pooling=poolings[slot.name])
             log.info("student %s: artifact written to %s (step %d)", slot.name, path, step)
         return root
 

@@ -61,7 +61,8 @@ class DinoVisionTransformer(VisionTransformer):
     """
 
     def __init__(self, config: BackboneConfig) -> None:
-        embed_layer = functools.partial(ConvStemPatchEmbed, channels=config.stem_channels) \
+        embed_layer = functools.partial(ConvStemPatchEmbed, channels=config.stem_channels,
+                                        strides=config.stem_strides) \
             if config.stem_channels else PatchEmbed
         super().__init__(
             img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans, num_classes=0,

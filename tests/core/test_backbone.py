@@ -168,6 +168,29 @@ def test_conv_stem_rejects_bad_widths() -> None:
         get_arch("test", stem_channels=(8, 0))
 
 
+def test_strided_conv_stem_keeps_the_token_grid() -> None:
+    """Stride-2 stem layers shrink the map; the projection covers the rest of the patch: same tokens out."""
+    torch.manual_seed(0)
+    model = build_backbone("test", patch_size=16, img_size=64, stem_channels=(8, 16), stem_strides=(2, 2)).eval()
+    assert model.patch_embed.stem[0].stride == (2, 2) and model.patch_embed.stem[3].stride == (2, 2)
+    assert model.patch_embed.proj.weight.shape == (64, 16, 4, 4)  # 16 px patch = 4 px of the 1/4 map
+    out = model.forward_dino(torch.randn(2, 3, 64, 80))
+    assert out["x_norm_patchtokens"].shape == (2, 4 * 5, 64)
+    x = torch.randn(1, 3, 64, 64)
+    y = x.clone()
+    y[..., 40:, 40:] += 3.0  # only the bottom-right patches' pixels (and their stem neighbourhood) change
+    a, b = model.patch_embed(x)[0], model.patch_embed(y)[0]  # [4, 4, D]
+    torch.testing.assert_close(a[0, 0], b[0, 0])
+    assert not torch.allclose(a[3, 3], b[3, 3])
+
+
+@pytest.mark.parametrize("strides", [(2,), (2, 3), (2, 2, 2, 2, 2)])
+def test_conv_stem_rejects_bad_strides(strides: tuple[int, ...]) -> None:
+    channels = (8,) * max(len(strides), 2) if len(strides) != 1 else (8, 8)
+    with pytest.raises(ConfigError, match="stem_strides"):
+        get_arch("test", patch_size=16, img_size=64, stem_channels=channels, stem_strides=strides)
+
+
 def _active_sdpa_backends(x: torch.Tensor) -> set[str]:
     with sdpa_backend_for(x):
         return {name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),

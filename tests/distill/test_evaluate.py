@@ -42,3 +42,30 @@ def test_teacher_and_pixels_share_one_table(mnv2_config: TeacherConfig, fmnist_d
 def test_distill_eval_refuses_a_folder_that_is_no_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["distill-eval", str(tmp_path)]) == 2
     assert "not a distillation run directory" in capsys.readouterr().err
+
+
+def test_students_and_onnx_exports_are_scored_by_their_cards_pooling(tmp_path: Path,
+                                                                     sample_images_dir: Path) -> None:
+    """A cls+mean card: the artifact and its ONNX export give the same concatenated vectors to k-NN."""
+    import numpy as np
+    import torch
+
+    from dinoforge.core.artifact import Provenance, save_artifact
+    from dinoforge.core.backbone import build_backbone
+    from dinoforge.core.preprocess import PreprocessConfig
+    from dinoforge.distill.evaluate import onnx_eval_model
+    from dinoforge.export.pipeline import OnnxExportOptions, export_onnx
+
+    torch.manual_seed(0)
+    pre = PreprocessConfig(mode="resize", size=28, resize_size=None, patch_size=14)
+    art = save_artifact(tmp_path / "art", build_backbone("test", img_size=28), name="s", preprocessing=pre,
+                        provenance=Provenance(source="random-init"), default_pooling="cls+mean")
+    export_onnx(art, tmp_path / "onnx", OnnxExportOptions(resolutions="28", parity_images=sample_images_dir,
+                                                          parity_limit=8, knn_limit=50))
+    torch_model = load_eval_model(art, poolings=("cls+mean",))
+    onnx_model = onnx_eval_model(tmp_path / "onnx")
+    pixels = torch.randn(3, 3, 28, 28)
+    a = torch_model.extractor(pixels)["cls+mean"]
+    b = onnx_model.extractor(pixels)["cls+mean"]
+    assert a.shape == (3, 128)
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4)

@@ -64,6 +64,8 @@ def test_mobilenet_teacher_is_the_imagenet_network(mnv2_weights: Path) -> None:
         pooled = reference.features(x).mean(dim=(2, 3))
         logits = reference.classifier(feats["x_norm_clstoken"])
     torch.testing.assert_close(feats["x_norm_clstoken"], pooled, rtol=1e-4, atol=1e-4)
+    # ... although the teacher runs with its batch norms folded into the convolutions (inference speed)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in teacher.model.modules())
     assert feats["x_norm_patchtokens"].shape == (6, 49, 1280)  # the 7x7 map at 224 px
     assert (logits.argmax(1) == truth).float().mean() >= 0.5  # foolbox ships these photos with their labels
 
@@ -147,7 +149,8 @@ def test_short_distillation_from_mobilenet_resumes(tmp_path: Path, mnv2_weights:
     run = tmp_path / "run"
     common = [f"run_dir={run}", f"teacher.weights={mnv2_weights}", "data.source=fmnist:train[:64]",
               "data.batch_size=8", "crops.global_crops_size=32", "teacher.preprocess.size=64",
-              "students=[{name: s, backbone: {embed_dim: 32, depth: 2, num_heads: 2, patch_size: 16, img_size: 32}}]",
+              "students=[{name: s, pooling: cls+mean, backbone: {embed_dim: 32, depth: 2, num_heads: 2, "
+              "patch_size: 16, img_size: 32, stem_channels: [8], stem_strides: [2]}}]",
               "crops.blur_kernel_size=3", "checkpoint.every_steps=1", "monitor.log_every=1", *FAST]
     first = distill_trainer(load_distill_config("mnv2_photos", [*common, "train.max_steps=2"])).run()
     assert first.steps == 2
@@ -156,7 +159,8 @@ def test_short_distillation_from_mobilenet_resumes(tmp_path: Path, mnv2_weights:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["s/cls_cosine"] for r in records if "s/cls_cosine" in r]
     assert len(losses) == 3 and all(0 <= v <= 2 for v in losses)
-    assert (run / "artifacts" / "s" / "model.json").is_file()
+    card = json.loads((run / "artifacts" / "s" / "model.json").read_text())
+    assert card["default_pooling"] == "cls+mean" and card["architecture"]["stem_strides"] == [2]
 
 
 def test_efficientnet_lite0_loads_by_tensor_order_into_timm() -> None:
