@@ -53,6 +53,9 @@ class ExportableViT(nn.Module):
             pos = model.interpolate_pos_encoding(self.grid).detach().clone()  # [1, 1 + h*w, D]
         self.register_buffer("pos_embed", pos.to(dtype), persistent=False)
         self.patch_proj = model.patch_embed.proj
+        # A convolutional stem (BackboneConfig.stem_channels) runs before the projection, in fp32: its channel
+        # LayerNorms would see fp16 statistics otherwise, and it is a small share of the compute.
+        self.stem: nn.Module | None = getattr(model.patch_embed, "stem", None)
         self.cls_token = model.cls_token
         self.reg_token = model.reg_token
         self.blocks = model.blocks
@@ -61,6 +64,8 @@ class ExportableViT(nn.Module):
         for module in self.modules():  # LayerNorms stay fp32: their statistics overflow in fp16
             if isinstance(module, nn.LayerNorm):
                 module.float()
+        if self.stem is not None:
+            self.stem.float()
         self.embed_preprocessing = preprocess is not None
         if preprocess is not None:
             self.register_buffer("pixel_mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
@@ -87,6 +92,8 @@ class ExportableViT(nn.Module):
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x ``[B, 3, H, W]`` float32. Returns ``[B, 1 + R + h*w, D]`` in compute dtype."""
+        if self.stem is not None:
+            x = self.stem(x.float())  # [B, C, H / s, W / s]
         x = F.conv2d(x.to(self.compute_dtype), self.patch_proj.weight, self.patch_proj.bias,
                      stride=self.patch_proj.stride)  # [B, D, h, w]
         x = x.flatten(2).transpose(1, 2)  # [B, h*w, D]

@@ -31,6 +31,21 @@ def test_matches_backbone_fp32(arch: str, hw: tuple[int, int]) -> None:
     torch.testing.assert_close(patches, ref[:, prefix:], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("strides", [(1,), (2, 2)])
+def test_conv_stem_models_export_exactly(strides: tuple[int, ...]) -> None:
+    """A backbone with a convolutional stem (stride 1 or strided): the stem runs before the projection."""
+    torch.manual_seed(0)
+    channels = (8,) * len(strides)
+    model = build_backbone("test", patch_size=16, img_size=64, stem_channels=channels, stem_strides=strides).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = model.forward_features(x)[:, 0]  # [2, D]
+        cls, _ = ExportableViT(model, (64, 96)).eval()(x)
+        half, _ = ExportableViT(model, (64, 96), dtype=torch.float16).eval()(x)
+    torch.testing.assert_close(cls, ref, atol=1e-5, rtol=0)
+    assert torch.nn.functional.cosine_similarity(half, ref).min() > 0.999
+
+
 def test_fp16_keeps_layernorm_fp32_and_stays_close() -> None:
     torch.manual_seed(0)
     model = build_backbone("test_reg4").eval()
