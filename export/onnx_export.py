@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import onnx
 import torch
+from torch import nn
 
 from dinoforge.core import __version__
 from dinoforge.core.onnx_contract import (BATCH_DIM, EMBEDDING_OUTPUTS, EXPORT_FORMAT_VERSION, INPUT_NAME, META_CARD,
@@ -114,7 +115,8 @@ def check_structure(model: onnx.ModelProto, module: ExportableViT) -> None:
     """The contract's structural promises: names, LayerNormalization ops, no Resize, dynamic batch."""
     onnx.checker.check_model(model)
     ops = op_histogram(model)
-    expected_ln = 2 * len(module.blocks) + 1
+    stem_norms = sum(isinstance(m, nn.LayerNorm) for m in module.stem.modules()) if module.stem is not None else 0
+    expected_ln = 2 * len(module.blocks) + 1 + stem_norms  # a conv stem adds one channel LayerNorm per layer
     if ops.get("LayerNormalization", 0) != expected_ln:
         raise ExportError(f"expected {expected_ln} LayerNormalization nodes, found "
                           f"{ops.get('LayerNormalization', 0)} (LayerNorm was decomposed)")
