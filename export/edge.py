@@ -7,7 +7,7 @@ The folder is a regular ``dinoforge export onnx`` output (so ``dinoforge serve -
   casts, transposes to NCHW and normalises inside (``--input float``: normalised float32 ``[B, 3, H, W]``);
 * ``model.json`` (the model card), ``export.json`` (manifest), ``parity.json`` (the parity report);
 * ``edge.json``: the input contract (name, dtype, layout, shape, what the caller still does), the precision,
-  the TensorRT lint result and the size of every file;
+  the TensorRT lint result and the sizes of the other files;
 * ``SHA256SUMS``: checksums in ``sha256sum -c`` format;
 * ``README.md`` and ``build_engine.sh``: how to serve it, and the ``trtexec`` command that builds a TensorRT
   engine on the device (TensorRT runs on the device's GPU; it is not installed where the export runs).

@@ -69,7 +69,7 @@ def test_folded_uint8_graph_equals_float_graph_on_real_images(edge_dirs: dict[st
                                                               sample_images_dir: Path) -> None:
     """Cast, NHWC -> NCHW and normalisation inside the graph = the same steps on the host, to float precision."""
     cfg = read_card(edge_dirs["uint8"]).preprocessing
-    files = sorted(sample_images_dir.glob("*.png"))[::4]  # 25 real photos of five data sets
+    files = sorted(sample_images_dir.glob("imagenet_*.jpg"))[::4] + sorted(sample_images_dir.glob("*.png"))[::4]
     pixels = np.stack([preprocess_np.pixels_for_graph(decode_image(p), cfg) for p in files])  # [B, 56, 56, 3]
     host = np.ascontiguousarray(preprocess_np.normalize(pixels, cfg).transpose(0, 3, 1, 2))  # [B, 3, 56, 56]
     names = ["cls_embedding", "mean_embedding"]
