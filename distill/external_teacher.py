@@ -273,11 +273,11 @@ def inference_ready(model: nn.Module) -> nn.Module:
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            reference = model(probe)
             try:
+                reference = model(probe)
                 fused = _fuse_children(copy.deepcopy(model), fuse)
                 same = torch.allclose(fused(probe), reference, rtol=1e-3, atol=1e-4)
-            except Exception:  # noqa: BLE001 - fx raises many types on untraceable code; the plain model works
+            except Exception:  # noqa: BLE001 - fx (or a model that needs a larger probe) raises many types
                 same = False
         model = fused if same else model
     return model.to(memory_format=torch.channels_last)
