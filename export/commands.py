@@ -22,6 +22,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_triton(sub)
 
 
+def _add_graph_flags(p: argparse.ArgumentParser) -> None:
+    """What every exported graph needs, for `export onnx` and `export edge` alike: source, folder, precision."""
+    p.add_argument("artifact", type=Path, help="model artifact directory")
+    p.add_argument("--out", type=Path, required=True, help="output directory (created atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    p.add_argument("--patch-tokens", action="store_true", help="also output the patch tokens")
+    p.add_argument("--calibration", type=Path, help="image folder for int8 calibration (required for int8)")
+    p.add_argument("--calibration-limit", type=int, default=64, help="calibration images (default 64)")
+    p.add_argument("--int8-scheme", choices=["cpu", "tensorrt"], default="cpu",
+                   help="int8 activations: cpu = uint8 asymmetric (fast on ONNX Runtime CPU), "
+                        "tensorrt = int8 symmetric (TensorRT / trtexec)")
+
+
 def _add_parity_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parity-images", type=Path, help="folder of real images for parity (default: foolbox samples)")
     p.add_argument("--parity-limit", type=int, default=100, help="images used for parity (default 100)")
@@ -35,21 +49,13 @@ def _add_parity_flags(p: argparse.ArgumentParser) -> None:
 
 def _register_onnx(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("onnx", help="export an artifact to ONNX (one graph per resolution) with a parity report")
-    p.add_argument("artifact", type=Path, help="model artifact directory")
-    p.add_argument("--out", type=Path, required=True, help="output directory (created atomically)")
+    _add_graph_flags(p)
     p.add_argument("--resolutions", help="comma-separated sizes, N or HxW (default: the card's crop size)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     p.add_argument("--embed-preprocessing", action="store_true",
                    help="graph input is uint8 NHWC pixels, normalised inside the graph")
-    p.add_argument("--patch-tokens", action="store_true", help="also output the patch tokens")
-    p.add_argument("--calibration", type=Path, help="image folder for int8 calibration (required for int8)")
-    p.add_argument("--calibration-limit", type=int, default=64, help="calibration images (default 64)")
-    p.add_argument("--int8-scheme", choices=["cpu", "tensorrt"], default="cpu",
-                   help="int8 activations: cpu = uint8 asymmetric (fast on ORT CPU), tensorrt = int8 symmetric")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, default 18)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto",
                    help="torch.onnx exporter; auto = dynamo, falling back to legacy (default auto)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     _add_parity_flags(p)
     p.set_defaults(func=_onnx)
 
@@ -57,21 +63,13 @@ def _register_onnx(sub: argparse._SubParsersAction) -> None:
 def _register_edge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edge", help="one self-contained folder for an edge device: graph, card, checksums, "
                                     "parity report, trtexec command (docs/edge.md)")
-    p.add_argument("artifact", type=Path, help="model artifact directory")
-    p.add_argument("--out", type=Path, required=True, help="output directory (created atomically)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    _add_graph_flags(p)
     p.add_argument("--input", choices=["uint8", "float"], default="uint8",
                    help="uint8 = camera pixels [B, H, W, 3], normalised inside the graph (default); "
                         "float = normalised float32 [B, 3, H, W]")
     p.add_argument("--resolution", dest="resolutions", help="input size N or HxW (default: the card's crop size)")
-    p.add_argument("--patch-tokens", action="store_true", help="also output the patch tokens")
-    p.add_argument("--calibration", type=Path, help="image folder for int8 calibration (required for int8)")
-    p.add_argument("--calibration-limit", type=int, default=64, help="calibration images (default 64)")
-    p.add_argument("--int8-scheme", choices=["cpu", "tensorrt"], default="cpu",
-                   help="cpu = uint8 activations (ONNX Runtime CPU); tensorrt = int8 symmetric (trtexec)")
     p.add_argument("--opt-batch", type=int, default=8, help="batch size of the trtexec profile's optimum")
     p.add_argument("--max-batch", type=int, default=32, help="largest batch of the trtexec profile")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     _add_parity_flags(p)
     p.set_defaults(func=_edge)
 
