@@ -21,7 +21,8 @@ from dinoforge.core.backbone.convert import check_state_dict
 from dinoforge.core.backbone.heads import DINOHead, HeadConfig
 from dinoforge.core.checkpoint import load_backbone
 from dinoforge.core.errors import CheckpointError, ConfigError
-from dinoforge.distill.config import DistillConfig, HeadModeConfig, StudentConfig
+from dinoforge.distill.config import DistillConfig, HeadModeConfig, StudentConfig, TeacherConfig
+from dinoforge.core.pretrained_cnn import locate_weights, read_state_dict
 from dinoforge.distill.feature_loss import build_adaptor
 from dinoforge.distill.teacher import FrozenTeacher
 from dinoforge.pretrain.blocks import HeadShape, MetaArchConfig
@@ -92,6 +93,33 @@ def _student_backbone(spec: StudentConfig, seed: int) -> tuple[DinoVisionTransfo
     return backbone, config
 
 
+def stem_from_teacher(backbone: DinoVisionTransformer, teacher: TeacherConfig, student: str, *,
+                      trainable: bool = False) -> None:
+    """Copy the teacher's first MobileNetV2 blocks into a hybrid student's stem (``features.i.*`` -> ``stem.i.*``).
+
+    Frozen (the default), the stem is the teacher's own tokenizer and the student learns the transformer on top.
+
+    Raises:
+        ConfigError: the student has no MobileNetV2 stem, or the teacher is not a torchvision MobileNetV2.
+        CheckpointError: the teacher's file lacks a tensor of the stem or has another shape.
+    """
+    blocks = backbone.config.mobilenet_stem_blocks
+    if not blocks or teacher.kind != "torchvision" or teacher.arch != "mobilenet_v2":
+        raise ConfigError(f"student {student!r}: stem_from_teacher needs backbone.mobilenet_stem_blocks > 0 and a "
+                          f"teacher of kind torchvision, arch mobilenet_v2 (got blocks {blocks}, teacher "
+                          f"{teacher.kind}:{teacher.arch})")
+    state = read_state_dict(locate_weights(teacher.weights or ""))
+    stem = backbone.patch_embed.stem
+    wanted = stem.state_dict()
+    taken = {name: state.get(f"features.{name}") for name in wanted}
+    missing = sorted(name for name, value in taken.items() if value is None or value.shape != wanted[name].shape)
+    if missing:
+        raise CheckpointError(f"student {student!r}: the teacher's weights lack or reshape {len(missing)} stem "
+                              f"tensors (first: features.{missing[0]})")
+    stem.load_state_dict(taken)
+    stem.requires_grad_(trainable)
+
+
 def build_students(cfg: DistillConfig, teacher: FrozenTeacher) -> tuple[list[StudentSlot], dict[str, nn.Module]]:
     """Build every student (backbone, and fresh heads or an adaptor) under its own seed.
 
@@ -103,6 +131,8 @@ def build_students(cfg: DistillConfig, teacher: FrozenTeacher) -> tuple[list[Stu
     for spec in cfg.students:
         seed = cfg.seed if spec.seed is None else spec.seed
         backbone, config = _student_backbone(spec, seed)
+        if spec.stem_from_teacher:
+            stem_from_teacher(backbone, cfg.teacher, spec.name, trainable=spec.stem_trainable)
         if not (cfg.mode == "head" and cfg.head.student_masking):
             # Never used without student masking: frozen, so that DDP does not wait for its gradient and the
             # optimizer does not decay it.

@@ -17,6 +17,12 @@ if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 only
     from typing_extensions import Unpack
 
 
+#: Output stride after each block of torchvision's MobileNetV2 ``features`` (index ``i``: after blocks ``0..i``).
+MOBILENET_V2_STRIDES = (2, 2, 4, 4, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)
+#: Output channels of each block of MobileNetV2 ``features`` (width multiplier 1.0).
+MOBILENET_V2_CHANNELS = (32, 16, 24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160, 320, 1280)
+
+
 class BackboneConfig(BaseModel):
     """Hyper-parameters of a DINOv2-style Vision Transformer.
 
@@ -49,6 +55,8 @@ class BackboneConfig(BaseModel):
                                            "projection (empty: the official linear patch embedding).")
     stem_strides: tuple[int, ...] = Field((), description="stride (1 or 2) of each stem conv; empty: all 1. "
                                           "The projection then covers patch_size / prod(strides) pixels.")
+    mobilenet_stem_blocks: int = Field(0, ge=0, le=19, description="a hybrid ViT: the first N blocks of "
+                                       "torchvision's MobileNetV2 features before the projection (0: none).")
 
     @model_validator(mode="after")
     def _check_heads(self) -> BackboneConfig:
@@ -61,6 +69,11 @@ class BackboneConfig(BaseModel):
                                   or self.patch_size % math.prod(self.stem_strides)):
             raise ValueError(f"stem_strides {list(self.stem_strides)} must be 1 or 2, one per stem_channels "
                              f"entry {list(self.stem_channels)}, with a product dividing patch_size {self.patch_size}")
+        if self.mobilenet_stem_blocks:
+            stride = MOBILENET_V2_STRIDES[self.mobilenet_stem_blocks - 1]
+            if self.stem_channels or self.patch_size % stride or self.in_chans != 3:
+                raise ValueError(f"mobilenet_stem_blocks {self.mobilenet_stem_blocks} (stride {stride}) needs RGB "
+                                 f"input, no stem_channels and a patch_size that it divides ({self.patch_size})")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         return self

@@ -14,7 +14,7 @@ parameter names, plus what DINOv2 needs on top:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 
 from dinoforge.core.backbone.block import Block
 from dinoforge.core.backbone.config import BackboneConfig
+from dinoforge.core.backbone.cnn_stem import CnnStemPatchEmbed
 from dinoforge.core.backbone.conv_stem import ConvStemPatchEmbed
 from dinoforge.core.backbone.pos_embed import interpolate_pos_embed
 
@@ -31,10 +32,14 @@ DinoFeatures = dict[str, torch.Tensor]
 
 
 def drop_path_rates(config: BackboneConfig) -> list[float]:
-    """Per-block stochastic-depth rates: uniform, or linear from 0 to the rate (official rule)."""
+    """Per-block stochastic-depth rates: uniform, or linear from 0 to the rate (official rule).
+
+    The float32 ``linspace`` of the official code, always computed on the CPU: a model built under
+    ``torch.device("meta")`` (sharded initialisation) reads the same plain floats.
+    """
     if config.drop_path_uniform:
         return [config.drop_path_rate] * config.depth
-    return [x.item() for x in torch.linspace(0, config.drop_path_rate, config.depth)]
+    return torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
 
 
 class _BlockFactory:
@@ -61,9 +66,12 @@ class DinoVisionTransformer(VisionTransformer):
     """
 
     def __init__(self, config: BackboneConfig) -> None:
-        embed_layer = functools.partial(ConvStemPatchEmbed, channels=config.stem_channels,
-                                        strides=config.stem_strides) \
-            if config.stem_channels else PatchEmbed
+        embed_layer: Callable[..., nn.Module] = PatchEmbed
+        if config.stem_channels:
+            embed_layer = functools.partial(ConvStemPatchEmbed, channels=config.stem_channels,
+                                            strides=config.stem_strides)
+        elif config.mobilenet_stem_blocks:
+            embed_layer = functools.partial(CnnStemPatchEmbed, blocks=config.mobilenet_stem_blocks)
         super().__init__(
             img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans, num_classes=0,
             global_pool="token", embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads,
@@ -79,7 +87,9 @@ class DinoVisionTransformer(VisionTransformer):
         self.reg_token = nn.Parameter(torch.zeros(1, self.num_reg_tokens, config.embed_dim)) \
             if self.num_reg_tokens else None
         self.num_prefix_tokens = 1 + self.num_reg_tokens
-        self.mask_token = nn.Parameter(torch.zeros(1, config.embed_dim))
+        # empty + zeros_ (not torch.zeros): an in-place init is what a meta-device build records and replays
+        self.mask_token = nn.Parameter(torch.empty(1, config.embed_dim))
+        nn.init.zeros_(self.mask_token)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
         if config.frozen_patch_embed:

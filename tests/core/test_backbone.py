@@ -221,3 +221,28 @@ def test_bf16_autocast_block_matches_fp32_forward_and_backward() -> None:
     assert torch.allclose(out16.float(), out32, atol=0.1, rtol=0.05)
     cos = torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0)
     assert cos > 0.99
+
+
+def test_mobilenet_stem_makes_a_hybrid_vit_on_the_same_token_grid() -> None:
+    """The first 7 MobileNetV2 blocks (stride 8) feed a 2x2 projection: a 16 px patch grid, frozen norms."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = build_backbone("test", patch_size=16, img_size=64, mobilenet_stem_blocks=7).eval()
+    assert model.patch_embed.proj.weight.shape == (64, 32, 2, 2)  # 32 channels at stride 8
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.patch_embed.stem.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    out = model.forward_dino(torch.randn(2, 3, 64, 96))
+    assert out["x_norm_patchtokens"].shape == (2, 4 * 6, 64)
+    # Batch-independent in training mode too (frozen statistics): one image alone equals it inside a batch.
+    model.train()
+    x = torch.randn(3, 3, 64, 64)
+    torch.testing.assert_close(model.patch_embed(x)[:1], model.patch_embed(x[:1]))
+
+
+@pytest.mark.parametrize("fields", [{"mobilenet_stem_blocks": 15},  # stride 32 does not divide patch 16
+                                    {"mobilenet_stem_blocks": 7, "stem_channels": (8,)},
+                                    {"mobilenet_stem_blocks": 7, "in_chans": 1}])
+def test_mobilenet_stem_rejects_bad_geometry(fields: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match="mobilenet_stem_blocks"):
+        get_arch("test", patch_size=16, img_size=64, **fields)

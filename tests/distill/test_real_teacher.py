@@ -181,3 +181,27 @@ def test_efficientnet_lite0_loads_by_tensor_order_into_timm() -> None:
     assert (logits.argmax(1) == truth).float().mean() >= 0.5
     with pytest.raises(CheckpointError, match="as many tensors"):
         load_teacher(by_name.model_copy(update={"key_map": "order", "arch": "mobilenetv2_100"}), views)
+
+
+def test_hybrid_student_starts_from_the_teachers_first_blocks(mnv2_weights: Path) -> None:
+    """stem_from_teacher copies MobileNetV2's features[:N] into the student's stem; other teachers are refused."""
+    from dinoforge.core.backbone import build_backbone
+    from dinoforge.core.pretrained_cnn import read_state_dict
+    from dinoforge.distill.students import stem_from_teacher
+
+    teacher = TeacherConfig(kind="torchvision", arch="mobilenet_v2", weights=str(mnv2_weights))
+    student = build_backbone("test", patch_size=16, img_size=64, mobilenet_stem_blocks=4)
+    stem_from_teacher(student, teacher, "s")
+    state = read_state_dict(mnv2_weights)
+    for name, value in student.patch_embed.stem.state_dict().items():
+        torch.testing.assert_close(value, state[f"features.{name}"], rtol=0, atol=0)
+    # The copied blocks compute what the teacher's first blocks compute (frozen BN = eval-mode BN).
+    reference = torchvision.models.mobilenet_v2()
+    reference.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(student.patch_embed.stem.train()(x), reference.features[:4].eval()(x))
+    with pytest.raises(ConfigError, match="stem_from_teacher"):
+        stem_from_teacher(build_backbone("test"), teacher, "s")
+    with pytest.raises(ConfigError, match="stem_from_teacher"):
+        stem_from_teacher(student, teacher.model_copy(update={"arch": "resnet18"}), "s")

@@ -46,21 +46,28 @@ def test_conv_stem_models_export_exactly(strides: tuple[int, ...]) -> None:
     assert torch.nn.functional.cosine_similarity(half, ref).min() > 0.999
 
 
-def test_conv_stem_model_passes_the_export_contract(tmp_path, sample_images_dir) -> None:
-    """The whole export (structural checks, parity report) accepts a stem model's graph."""
+@pytest.mark.parametrize("stem", [{"stem_channels": (8, 8), "stem_strides": (2, 2)},
+                                  {"mobilenet_stem_blocks": 7}])  # a hybrid ViT: MobileNetV2 blocks, frozen BN
+def test_conv_stem_model_passes_the_export_contract(tmp_path, sample_images_dir, stem) -> None:
+    """The whole export (structural checks, parity report) accepts a stem model's graph; the card rebuilds it."""
     import json
 
     from dinoforge.core.artifact import Provenance, save_artifact
+    from dinoforge.core.checkpoint import load_backbone
     from dinoforge.export.pipeline import OnnxExportOptions, export_onnx
 
     torch.manual_seed(0)
-    model = build_backbone("test", patch_size=16, img_size=64, stem_channels=(8, 8), stem_strides=(2, 2))
+    model = build_backbone("test", patch_size=16, img_size=64, **stem)
     pre = PreprocessConfig(mode="resize", size=64, resize_size=None, patch_size=16)
     art = save_artifact(tmp_path / "art", model, name="stem", preprocessing=pre,
                         provenance=Provenance(source="random-init"))
     export_onnx(art, tmp_path / "onnx", OnnxExportOptions(resolutions="64", parity_images=sample_images_dir,
                                                           parity_limit=8, knn_limit=50))
     assert json.loads((tmp_path / "onnx" / "parity.json").read_text())["passed"]
+    loaded = load_backbone(art).backbone.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_features(x), model.eval().forward_features(x), rtol=0, atol=0)
 
 
 def test_fp16_keeps_layernorm_fp32_and_stays_close() -> None:
