@@ -49,6 +49,8 @@ class ParallelConfig(StrictModel):
     activation_checkpointing: bool = False
     compile: bool = False
     reshard_after_forward: bool = True
+    meta_init: bool = Field(True, description="fsdp: build on the meta device, shard, then initialise each shard "
+                            "in place (same weights; no rank ever holds the whole model)")
 
 
 class _MethodCall(nn.Module):

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
 from dinoforge.core.artifact import Provenance
 from dinoforge.core.config import config_to_yaml
 from dinoforge.core.errors import CheckpointError
@@ -22,9 +24,10 @@ from dinoforge.pretrain.config import PretrainConfig
 from dinoforge.pretrain.data import BatchLayout, PretrainBatches
 from dinoforge.pretrain.knn_monitor import KnnMonitor
 from dinoforge.pretrain.masking import MaskingGenerator, official_max_num_patches
-from dinoforge.pretrain.meta_arch import Centres, SSLMetaArch
+from dinoforge.pretrain.meta_arch import Centres
+from dinoforge.pretrain.meta_init import build_parallel_meta_arch
 from dinoforge.pretrain.monitor import collapse_warning
-from dinoforge.pretrain.parallelize import parallelize
+from dinoforge.pretrain.parallelize import Parallelized
 from dinoforge.pretrain.sources import open_pretrain_source
 from dinoforge.pretrain.spec import Precision, RunParts, check_unchanged, knn_enabled
 from dinoforge.pretrain.teacher_export import default_preprocess, gather_teacher, resample_checkpoint_pos_embed, \
@@ -53,10 +56,10 @@ class PretrainSpec:
         self.rt = runtime
         self.source = open_pretrain_source(cfg.data.source)
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        self.meta = SSLMetaArch(cfg.model).to(runtime.device)
+        self.meta, par = build_parallel_meta_arch(cfg.model, cfg.parallel, world_size=runtime.world_size,
+                                                  device=runtime.device)
         if cfg.init.from_checkpoint:
-            self._warm_start(cfg.init.from_checkpoint)
-        par = parallelize(self.meta, cfg.parallel, world_size=runtime.world_size, device=runtime.device)
+            self._warm_start(cfg.init.from_checkpoint, par)
         self.teacher = par.raw_teacher
         generator = MaskingGenerator(cfg.grid, max_num_patches=official_max_num_patches(
             cfg.crops.global_crops_size, cfg.model.backbone.patch_size), min_num_patches=cfg.masking.min_num_patches,
@@ -73,7 +76,7 @@ class PretrainSpec:
         return RunParts(model=self.meta, student=par.raw_student, teacher=par.raw_teacher,
                         state=Centres(self.meta), batches=batches)
 
-    def _warm_start(self, source: str) -> None:
+    def _warm_start(self, source: str, par: Parallelized) -> None:
         """Load student/teacher weights of another run (fresh optimizer and schedule), resampling pos-embed."""
         path = Path(source)
         if path.is_dir():
@@ -89,7 +92,9 @@ class PretrainSpec:
                 weights = state[key]
                 if self.cfg.init.resample_pos_embed:
                     weights = resample_checkpoint_pos_embed(weights, model_cfg)
-                getattr(self.meta, key).load_state_dict(weights)
+                # full tensors in, this rank's shards kept (plain modules: an ordinary load)
+                set_model_state_dict(getattr(par, f"raw_{key}"), weights,
+                                     options=StateDictOptions(full_state_dict=True))
             Centres(self.meta).load_state_dict(state["centres"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(f"init.from_checkpoint {source}: weights do not fit the model: {err}") from err
