@@ -45,7 +45,7 @@ class AgentResult:
     output: str
 
     def node_ranks(self) -> set[int]:
-        """The node ranks its workers reported (``-v`` logs ``... (node G of N, ...)`` on joining the group)."""
+        """The node ranks its workers reported (each logs ``... (node G of N, ...)`` on joining the group)."""
         return {int(g) for g in re.findall(r"\(node (\d+) of \d+, local rank", self.output)}
 
 

@@ -36,7 +36,7 @@ from dinoforge.core.extract.writer import UnitWriter
 from dinoforge.core.fileio import atomic_directory
 from dinoforge.core.pooling import pool
 from dinoforge.core.preprocess import PreprocessConfig
-from dinoforge.core.runtime import Runtime, barrier, init_runtime, shutdown_runtime
+from dinoforge.core.runtime import Runtime, barrier, init_runtime, require_shared_dir, shutdown_runtime
 
 log = logging.getLogger("dinoforge.extract")
 #: pixels ``[B, 3, H, W]`` -> ``{feature: [B, ...]}`` float32 numpy
@@ -232,6 +232,7 @@ def run_extraction(config: ExtractConfig, external: ExternalModel | None = None,
     try:
         model, source, units, spec = _open(config, info, external, source)
         out_dir = Path(config.output)
+        require_shared_dir(info, out_dir, "--output")  # several nodes: each writes units, rank 0 merges them
         if info.is_main:
             resumed = claim_output(out_dir, spec)
             if resumed:

@@ -122,7 +122,8 @@ def check_claim(out_dir: Path, spec: dict[str, Any]) -> None:
     """Non-writing variant for ranks other than 0: the job file must exist and match."""
     existing = read_job(out_dir)
     if existing is None or any(existing.get(k) != spec.get(k) for k in IDENTITY_KEYS):
-        raise DataError(f"{out_dir}/{JOB_FILE} is missing or describes another job (written by rank 0?)")
+        raise DataError(f"{out_dir}/{JOB_FILE} is missing or describes another job: rank 0 writes it, so every "
+                        "rank must see the same --output folder (on several nodes: a shared filesystem)")
 
 
 def done_units(out_dir: Path) -> set[str]:

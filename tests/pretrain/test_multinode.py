@@ -28,7 +28,7 @@ def _args(run_dir: Path, batch: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_nodes_match_one_node_and_one_process(tmp_path: Path) -> None:
-    nodes = run_cli_nodes("-v", *_args(tmp_path / "nodes", 4), nnodes=2, nproc_per_node=1, timeout=600)
+    nodes = run_cli_nodes(*_args(tmp_path / "nodes", 4), nnodes=2, nproc_per_node=1, timeout=600)
     assert_all_ok(nodes)
     one_node = run_cli(*_args(tmp_path / "node", 4), nproc=2, timeout=600)
     assert one_node.returncode == 0, one_node.stderr[-4000:]
