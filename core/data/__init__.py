@@ -3,12 +3,14 @@
 See ``docs/core.md`` ("Data sources") for the spec-string grammar and the loader contract.
 """
 
+from dinoforge.core.data.arrow_manifest import ArrowManifestSource, convert_manifest
 from dinoforge.core.data.base import DataSource, IndexedSource, SampleOrBad, StreamingSource
 from dinoforge.core.data.fmnist import FASHION_MNIST_CLASSES, FashionMNISTSource, load_fashion_mnist, read_idx
 from dinoforge.core.data.folder import IMAGE_EXTENSIONS, ImageFolderSource
 from dinoforge.core.data.loader import (ImageBatch, Preprocess, SkippingLoader, SkipStats, collate_images,
                                         image_batches, iter_good, map_source)
-from dinoforge.core.data.manifest import ManifestSource, read_manifest_table
+from dinoforge.core.data.manifest import ManifestSource, open_manifest, read_manifest_table
+from dinoforge.core.data.order import EpochOrder, RankSampler
 from dinoforge.core.data.sample import UNLABELLED, BadSample, Record, Sample
 from dinoforge.core.data.spec import SCHEMES, SourceSpec, open_source, parse_spec
 from dinoforge.core.data.subset import (ConcatSource, SubsetSource, TakeSource, holdout_split, random_subset,
@@ -16,7 +18,8 @@ from dinoforge.core.data.subset import (ConcatSource, SubsetSource, TakeSource, 
 from dinoforge.core.data.webdataset import WebDatasetSource, expand_braces
 
 __all__ = [
-    "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "SCHEMES", "UNLABELLED", "BadSample", "ConcatSource", "DataSource",
+    "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "ArrowManifestSource", "EpochOrder", "RankSampler",
+    "convert_manifest", "open_manifest", "SCHEMES", "UNLABELLED", "BadSample", "ConcatSource", "DataSource",
     "FashionMNISTSource", "ImageBatch", "ImageFolderSource", "IndexedSource", "ManifestSource", "Preprocess",
     "Record", "Sample", "SampleOrBad", "SkipStats", "SkippingLoader", "SourceSpec", "StreamingSource",
     "SubsetSource", "TakeSource", "WebDatasetSource", "collate_images", "expand_braces", "holdout_split",

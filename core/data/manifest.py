@@ -1,4 +1,7 @@
-"""File manifests: txt (one path per line), CSV/TSV and parquet with ``path`` and optional ``label``/``id``.
+"""File manifests: txt (one path per line), CSV/TSV, parquet and Arrow with ``path`` and optional ``label``/``id``.
+
+:func:`open_manifest` reads an Arrow IPC manifest (``.arrow``/``.feather``/``.ipc``) memory-mapped
+(:mod:`~dinoforge.core.data.arrow_manifest`, for manifests of any size) and the other forms into pandas.
 
 Extra columns are kept: a curation manifest adds its own columns (cluster, score, ...) and readers get them
 in ``sample.meta`` and ``source.extra_columns``.
@@ -15,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from dinoforge.core.data.arrow_manifest import ARROW_SUFFIXES, ArrowManifestSource, open_arrow_table
 from dinoforge.core.data.base import IndexedSource
 from dinoforge.core.data.sample import UNLABELLED, Record
 from dinoforge.core.errors import DataError
@@ -22,7 +26,7 @@ from dinoforge.core.preprocess import DEFAULT_MAX_PIXELS, decode_image
 
 #: Manifest suffixes and the reader each one uses.
 MANIFEST_SUFFIXES = {".txt": "txt", ".lst": "txt", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet",
-                     ".pq": "parquet"}
+                     ".pq": "parquet", **{suffix: "arrow" for suffix in ARROW_SUFFIXES}}
 _RESERVED = ("path", "label", "id")
 
 
@@ -44,6 +48,8 @@ def read_manifest_table(path: Path) -> pd.DataFrame:
             table = pd.DataFrame({"path": [ln for ln in lines if ln and not ln.startswith("#")]}, dtype=object)
         elif kind == "parquet":
             table = pd.read_parquet(path)
+        elif kind == "arrow":
+            table = open_arrow_table(path).to_pandas()
         else:
             table = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype={"path": str, "id": str},
                                 keep_default_na=False, na_values=[""])
@@ -148,3 +154,11 @@ class ManifestSource(IndexedSource):
     @property
     def labels(self) -> np.ndarray:
         return self._label_array.copy()
+
+
+def open_manifest(path: str | Path, *, root: str | Path | None = None, classes: Sequence[str] | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> IndexedSource:
+    """The source of a manifest file: memory-mapped for Arrow IPC, :class:`ManifestSource` otherwise."""
+    if Path(path).suffix.lower() in ARROW_SUFFIXES:
+        return ArrowManifestSource(path, root=root, classes=classes, max_pixels=max_pixels)
+    return ManifestSource(path, root=root, classes=classes, max_pixels=max_pixels)

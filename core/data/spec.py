@@ -18,7 +18,7 @@ from typing import Any
 from dinoforge.core.data.base import DataSource, IndexedSource
 from dinoforge.core.data.fmnist import FashionMNISTSource
 from dinoforge.core.data.folder import ImageFolderSource
-from dinoforge.core.data.manifest import MANIFEST_SUFFIXES, ManifestSource
+from dinoforge.core.data.manifest import MANIFEST_SUFFIXES, open_manifest
 from dinoforge.core.data.photos import open_photos
 from dinoforge.core.data.subset import ConcatSource, random_subset, repeated, slice_source
 from dinoforge.core.data.tuxpaint import TuxpaintSource
@@ -138,7 +138,7 @@ def _construct(parsed: SourceSpec, classes: Sequence[str] | None, options: dict[
     if parsed.scheme == "folder":
         return ImageFolderSource(parsed.target, classes=classes, **options)
     if parsed.scheme == "manifest":
-        return ManifestSource(parsed.target, classes=classes, **options)
+        return open_manifest(parsed.target, classes=classes, **options)
     if parsed.scheme == "wds":
         return WebDatasetSource(parsed.target, classes=classes, **options)
     if parsed.scheme == "photos":

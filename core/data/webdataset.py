@@ -3,6 +3,9 @@
 Convention (as in the ``webdataset`` package): a member ``dir/key.ext`` belongs to sample ``dir/key``; the key
 is everything before the first ``.`` of the basename, so ``a.seg.png`` has extension ``seg.png``. Members of
 one sample are adjacent in the tar. Shards are split over ranks, then over DataLoader workers.
+
+Shards are opened through ``fsspec`` (:func:`dinoforge.core.data.stream.open_shard`): local paths, ``file://``,
+``http(s)://`` and, with the matching fsspec back-end installed, object-store URLs (``s3://``, ``gs://``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -21,6 +24,7 @@ from torch.utils.data import get_worker_info
 
 from dinoforge.core.data.base import SampleOrBad, StreamingSource
 from dinoforge.core.data.sample import BadSample, Sample
+from dinoforge.core.data.stream import SHARD_READ_ERRORS, is_remote, local_path, open_shard, read_text
 from dinoforge.core.errors import DataError, ImageDecodeError
 from dinoforge.core.preprocess import DEFAULT_MAX_PIXELS, decode_image
 
@@ -53,12 +57,12 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for item in items for out in expand_braces(head + item + tail)]
 
 
-def _iter_tar(shard: Path) -> Iterator[tuple[str, dict[str, bytes]] | BadSample]:
-    """Yield ``(key, {ext: bytes})`` groups; a corrupt/truncated shard ends with one :class:`BadSample`."""
+def _iter_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]] | BadSample]:
+    """Yield ``(key, {ext: bytes})`` groups; a corrupt/truncated/unreachable shard ends with one :class:`BadSample`."""
     key: str | None = None
     parts: dict[str, bytes] = {}
     try:
-        with tarfile.open(shard, "r|*") as tar:
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 name = member.name.removeprefix("./")
                 base = posixpath.basename(name)
@@ -77,9 +81,9 @@ def _iter_tar(shard: Path) -> Iterator[tuple[str, dict[str, bytes]] | BadSample]
                 parts[ext.lower()] = data
         if key is not None:
             yield key, parts
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        yield BadSample(id=shard.name, path=str(shard), reason=f"corrupt or truncated tar shard ({err}); "
-                                                               "the rest of this shard is skipped")
+    except (tarfile.TarError, EOFError, zlib.error, *SHARD_READ_ERRORS) as err:
+        yield BadSample(id=posixpath.basename(url), path=url, reason=f"corrupt or truncated tar shard, or unreachable "
+                                                                     f"({err}); the rest of this shard is skipped")
 
 
 def _decode_meta(ext: str, data: bytes) -> Any:
@@ -112,7 +116,8 @@ class WebDatasetSource(StreamingSource):
     """Samples streamed from WebDataset tar shards.
 
     Args:
-        pattern: a shard path with brace patterns (``/x/shards-{000..009}.tar``), or a list of shard paths.
+        pattern: a shard path or URL with brace patterns (``/x/shards-{000..009}.tar``,
+            ``https://host/s-{000..009}.tar``), or a list of shard paths/URLs.
         classes: names for ``txt`` labels (default: ``classes.txt`` beside the first shard, if present).
         shuffle: permute shards per epoch and shuffle samples through a buffer (seeded by ``seed``, epoch).
         seed: shuffling seed.
@@ -121,40 +126,53 @@ class WebDatasetSource(StreamingSource):
         max_pixels: decompression-bomb guard passed to ``decode_image``.
 
     Raises:
-        DataError: a listed shard does not exist.
+        DataError: a listed local shard does not exist (remote shards are not probed here: an unreachable one
+            is read as one bad sample, like a corrupt shard).
     """
 
     def __init__(self, pattern: str | Sequence[str | Path], *, classes: Sequence[str] | None = None,
                  shuffle: bool = False, seed: int = 0, buffer_size: int = 1000, rank: int = 0, world_size: int = 1,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        paths = expand_braces(pattern) if isinstance(pattern, str) else [str(p) for p in pattern]
-        self.shards = [Path(p).expanduser() for p in paths]
-        missing = [str(p) for p in self.shards if not p.is_file()]
+        self.urls = expand_braces(pattern) if isinstance(pattern, str) else [str(p) for p in pattern]
+        #: Each shard as a path (local) or the path part of its URL (remote): ``.name`` names the shard.
+        self.shards: list[PurePath] = [PurePosixPath(u) if is_remote(u) else local_path(u) for u in self.urls]
+        missing = [str(p) for u, p in zip(self.urls, self.shards, strict=True)
+                   if not is_remote(u) and not Path(p).is_file()]
         if missing:
             raise DataError(f"{len(missing)} of {len(self.shards)} WebDataset shards do not exist: "
                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
-        self.spec = f"wds:{pattern}" if isinstance(pattern, str) else f"wds:{','.join(paths)}"
-        names_file = self.shards[0].parent / "classes.txt"
-        if classes is None and names_file.is_file():
-            classes = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+        self.spec = f"wds:{pattern}" if isinstance(pattern, str) else f"wds:{','.join(self.urls)}"
+        if classes is None:
+            names = read_text(posixpath.join(posixpath.dirname(self.urls[0]), "classes.txt"))
+            classes = [ln.strip() for ln in names.splitlines() if ln.strip()] if names is not None else None
         self.classes = list(classes) if classes is not None else None
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, max(1, buffer_size)
         self.rank, self.world_size, self.max_pixels = rank, world_size, max_pixels
 
-    def my_shards(self) -> list[Path]:
-        """Shards this rank and DataLoader worker reads in the current epoch, in order."""
-        shards = list(self.shards)
+    def my_shard_indices(self) -> list[int]:
+        """Indices (into :attr:`urls`) of the shards this rank and DataLoader worker reads this epoch, in order."""
+        order = list(range(len(self.urls)))
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(shards))
-            shards = [shards[i] for i in order]
-        shards = shards[self.rank::self.world_size]
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(order)).tolist()
+        order = order[self.rank::self.world_size]
         info = get_worker_info()
-        return shards[info.id::info.num_workers] if info is not None else shards
+        return order[info.id::info.num_workers] if info is not None else order
 
-    def _to_sample(self, shard: Path, key: str, parts: dict[str, bytes]) -> SampleOrBad:
-        sample_id = f"{shard.name}/{key}"
+    def my_shards(self) -> list[PurePath]:
+        """Shards this rank and DataLoader worker reads in the current epoch, in order."""
+        return [self.shards[i] for i in self.my_shard_indices()]
+
+    def raw_items(self, url: str) -> Iterator[tuple[str, str, dict[str, bytes]] | BadSample]:
+        """Undecoded ``(shard url, key, members)`` groups of one shard, in tar order."""
+        for item in _iter_tar(url):
+            yield item if isinstance(item, BadSample) else (url, *item)
+
+    def to_sample(self, url: str, key: str, parts: dict[str, bytes]) -> SampleOrBad:
+        """Decode one group of members into a sample (or a bad-sample record)."""
+        name = posixpath.basename(url)
+        sample_id = f"{name}/{key}"
         image_key = next((k for k in IMAGE_KEYS if k in parts), None)
         if image_key is None:
             return BadSample(sample_id, None, f"no image member ({'/'.join(IMAGE_KEYS)}) among {sorted(parts)}")
@@ -166,16 +184,15 @@ class WebDatasetSource(StreamingSource):
             image = decode_image(parts[image_key], max_pixels=self.max_pixels)
         except ImageDecodeError as err:
             return BadSample(sample_id, None, str(err))
-        meta.update(shard=shard.name, key=key)
+        meta.update(shard=name, key=key)
         return Sample(id=sample_id, image=image, label=label, path=None, meta=meta)
 
-    def _raw(self) -> Iterator[tuple[Path, str, dict[str, bytes]] | BadSample]:
-        for shard in self.my_shards():
-            for item in _iter_tar(shard):
-                yield item if isinstance(item, BadSample) else (shard, *item)
+    def _raw(self) -> Iterator[tuple[str, str, dict[str, bytes]] | BadSample]:
+        for index in self.my_shard_indices():
+            yield from self.raw_items(self.urls[index])
 
-    def _decode(self, item: tuple[Path, str, dict[str, bytes]] | BadSample) -> SampleOrBad:
-        return item if isinstance(item, BadSample) else self._to_sample(*item)
+    def _decode(self, item: tuple[str, str, dict[str, bytes]] | BadSample) -> SampleOrBad:
+        return item if isinstance(item, BadSample) else self.to_sample(*item)
 
     def __iter__(self) -> Iterator[SampleOrBad]:
         if not self.shuffle:
@@ -184,7 +201,7 @@ class WebDatasetSource(StreamingSource):
         # The buffer holds undecoded bytes: decoding happens only when a sample leaves it.
         info = get_worker_info()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, info.id if info else 0])
-        buffer: list[tuple[Path, str, dict[str, bytes]] | BadSample] = []
+        buffer: list[tuple[str, str, dict[str, bytes]] | BadSample] = []
         for item in self._raw():
             buffer.append(item)
             if len(buffer) >= self.buffer_size:
