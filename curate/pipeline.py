@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dinoforge.core.config import save_config
 from dinoforge.core.index import SubsetVectors
-from dinoforge.core.runtime import Runtime, init_runtime, shutdown_runtime
+from dinoforge.core.runtime import Runtime, init_runtime, require_shared_dir, shutdown_runtime
 from dinoforge.curate import dedup, relative
 from dinoforge.curate.config import CurateConfig
 from dinoforge.curate.embed import Embeddings, run_embed
@@ -131,6 +132,7 @@ def run_curation(cfg: CurateConfig) -> dict[str, Any]:
     """Run (or resume) a curation recipe; returns the final report (rank 0; other ranks get ``{}``)."""
     info = init_runtime(cfg.embed.device)
     try:
+        require_shared_dir(info, Path(cfg.output), "output")  # several nodes: ranks write chunks rank 0 merges
         return _Run(cfg, info).run()
     finally:
         shutdown_runtime(info)
