@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,27 +156,42 @@ def init_runtime(device: str | torch.device, *, threads: int | None = None) -> R
     return runtime
 
 
-def require_shared_dir(runtime: Runtime, path: Path, what: str) -> None:
+def _sees(marker: Path, wait_s: float) -> bool:
+    """Whether ``marker`` exists, looking again for up to ``wait_s`` (network filesystems show files late)."""
+    deadline = time.monotonic() + wait_s
+    while not marker.is_file():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def require_shared_dir(runtime: Runtime, path: Path, what: str, *, wait_s: float = 10.0) -> None:
     """Check that every rank sees the folder ``path`` (created by rank 0), i.e. a shared filesystem.
 
     Jobs over several nodes keep their state in one folder (checkpoints, job files, per-unit outputs that
     rank 0 merges); on node-local disks each node would silently see a different run. Rank 0 drops a
-    uniquely named marker, every rank looks for it, and all ranks fail together (no rank is left waiting in
-    a collective). A no-op on a single node, whose ranks share its disk.
+    uniquely named marker, every rank looks for it (for up to ``wait_s``), and all ranks fail together, so no
+    rank is left waiting in a collective. A no-op on a single node, whose ranks share its disk.
 
     Raises:
-        DataError: some node cannot see the marker (the error names those ranks).
+        DataError: rank 0 cannot write there, or some ranks cannot see the marker (the error names them).
     """
     if runtime.num_nodes <= 1 or not dist.is_initialized():
         return
-    name = [f".shared-check-{secrets.token_hex(8)}" if runtime.is_main else ""]
+    name = [""]
     if runtime.is_main:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / name[0]).touch()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            name[0] = f".shared-check-{secrets.token_hex(8)}"
+            (path / name[0]).touch()
+        except OSError as err:
+            name[0] = f"!{err}"  # told to every rank, so that all of them raise
     dist.broadcast_object_list(name, src=0)
+    if name[0].startswith("!"):
+        raise DataError(f"{what} {path} cannot be written by rank 0: {name[0][1:]}")
     seen: list[object] = [None] * runtime.world_size
-    dist.all_gather_object(seen, (path / name[0]).is_file())
-    dist.barrier()
+    dist.all_gather_object(seen, _sees(path / name[0], wait_s))
     if runtime.is_main:
         (path / name[0]).unlink()
     blind = [rank for rank, ok in enumerate(seen) if not ok]

@@ -98,7 +98,7 @@ def _shared_dir_worker(rank: int, init_file: str, folders: list[str], out_file: 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     rt = Runtime(device=torch.device("cpu"), rank=rank, world_size=2, node_rank=rank, num_nodes=2)
     try:
-        require_shared_dir(rt, Path(folders[rank]), "run_dir")
+        require_shared_dir(rt, Path(folders[rank]), "run_dir", wait_s=1.0)
         outcome = "ok"
     except DataError as err:
         outcome = str(err)
@@ -125,3 +125,10 @@ def test_a_node_local_folder_fails_on_every_rank(tmp_path: Path) -> None:
     outcomes = _check_on_two_nodes(tmp_path, [tmp_path / "node0" / "run", tmp_path / "node1" / "run"])
     for outcome in outcomes:
         assert "is not shared between the nodes: ranks [1] cannot see" in outcome
+
+
+def test_a_folder_rank_0_cannot_create_fails_on_every_rank(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    outcomes = _check_on_two_nodes(tmp_path, [tmp_path / "file" / "run"] * 2)
+    for outcome in outcomes:
+        assert "cannot be written by rank 0" in outcome
