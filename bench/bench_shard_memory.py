@@ -109,15 +109,21 @@ def main() -> None:
     parser.add_argument("--case", choices=("build", "step"), default="build")
     parser.add_argument("--recipe", default="tiny")
     parser.add_argument("--nproc", type=int, default=4)
+    parser.add_argument("--only", choices=("single", "sharded"), help="measure one side (e.g. when memory is short "
+                        "for a ViT-g measurement after another job); prints its peaks only")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.case, args.recipe)
         return
     me = [str(Path(__file__).resolve()), "--worker", "--case", args.case, "--recipe", args.recipe]
-    single = _run([sys.executable, *me])
-    sharded = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc-per-node={args.nproc}", *me])
+    runs = {"single": [sys.executable, *me],
+            "sharded": [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                        *me]}
+    if args.only:
+        print(json.dumps({"case": args.case, "recipe": args.recipe, "side": args.only, **_run(runs[args.only])}))
+        return
+    single, sharded = _run(runs["single"]), _run(runs["sharded"])
     single_mb = single["peaks_mb"][0]
     print(json.dumps({"case": args.case, "recipe": args.recipe, "nproc": args.nproc,
                       "strategy": sharded["strategy"], "single_mb": round(single_mb),

@@ -1,5 +1,9 @@
 """Self-verifying training checkpoints: atomic, checksummed, with fallback to the last good one.
 
+Two formats, listed, loaded and pruned alike: a single file ``step_00001234.ckpt`` (everything, gathered on
+rank 0) or a sharded directory ``step_00001234.dcp/`` (:mod:`.dcp`: DCP shards plus a ``train_state.ckpt``
+in the file format below, which also records the size of every shard file).
+
 File format (``RUN_DIR/checkpoints/step_00001234.ckpt``)::
 
     DINOFORGE-CKPT 1 <sha256 of payload> <payload bytes>\\n
@@ -18,6 +22,7 @@ import io
 import logging
 import pickle
 import re
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +37,18 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"DINOFORGE-CKPT"
 VERSION = 1
-_NAME = re.compile(r"^step_(\d{8,})\.ckpt$")
+_NAME = re.compile(r"^step_(\d{8,})\.(ckpt|dcp)$")
+TRAIN_STATE_FILE = "train_state.ckpt"  # inside a DCP checkpoint directory
 
 
-def checkpoint_path(directory: Path, step: int) -> Path:
-    """Where the checkpoint taken after ``step`` completed steps lives."""
-    return directory / f"step_{step:08d}.ckpt"
+def checkpoint_path(directory: Path, step: int, *, sharded: bool = False) -> Path:
+    """Where the checkpoint taken after ``step`` completed steps lives (``.dcp`` directory when ``sharded``)."""
+    return directory / f"step_{step:08d}.{'dcp' if sharded else 'ckpt'}"
+
+
+def dcp_files(path: Path) -> dict[str, int]:
+    """Size of every file DCP wrote in a sharded checkpoint directory."""
+    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != TRAIN_STATE_FILE}
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -61,10 +72,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read and verify a checkpoint.
 
+    A sharded (``.dcp``) directory gives its ``train_state.ckpt`` with ``dcp_dir`` set to the directory, once
+    every shard file recorded there is present with its size; the tensors stay on disk for
+    :func:`dinoforge.pretrain.dcp.load_dcp_into`.
+
     Raises:
         CheckpointError: missing, not a dinoforge checkpoint, truncated, checksum mismatch, or unpicklable.
     """
     path = Path(path)
+    if path.is_dir():
+        return _load_sharded(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     with open(path, "rb") as handle:
@@ -85,8 +102,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} cannot be unpickled: {err}") from err
 
 
+def _load_sharded(path: Path) -> dict[str, Any]:
+    if not (path / TRAIN_STATE_FILE).is_file():
+        raise CheckpointError(f"{path} is not a complete sharded checkpoint (no {TRAIN_STATE_FILE})")
+    state = load_checkpoint(path / TRAIN_STATE_FILE)
+    found = dcp_files(path)
+    for name, size in state.get("dcp_files", {}).items():
+        if found.get(name) != size:
+            raise CheckpointError(f"{path}: shard file {name} is missing or truncated ({found.get(name)} of "
+                                  f"{size} bytes)")
+    return {**state, "dcp_dir": str(path)}
+
+
 def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint file in ``directory``, oldest first (temporaries ignored)."""
+    """``(step, path)`` of every checkpoint (file or DCP directory) in ``directory``, oldest first (temporaries
+    ignored)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -133,5 +163,8 @@ def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
     found = list_checkpoints(directory)
     doomed = [p for _, p in found[:-keep]] if keep > 0 else []
     for path in doomed:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return doomed

@@ -4,6 +4,8 @@
   bundled recipe name (``tiny``, ``fmnist``, ``vits14``, ``vitb14``, ``vitl14``, ``vitg14``). Works the same
   under ``torchrun --nproc_per_node=N -m dinoforge.core.cli pretrain ...``.
 * ``dinoforge plot RUN_DIR``: PNG training curves into ``RUN_DIR/plots``.
+* ``dinoforge pretrain-export CHECKPOINT --out DIR``: the teacher of a saved checkpoint (run dir, ``.ckpt`` file
+  or sharded ``.dcp`` directory) as a model artifact, in one process (a sharded one is read teacher-only).
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="recipe overrides, e.g. run_dir=runs/a train.max_steps=100 data.batch_size=32")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.set_defaults(func=_pretrain)
+
+    p = subparsers.add_parser("pretrain-export", help="teacher of a training checkpoint -> model artifact",
+                              description="Write the EMA teacher of a pretraining checkpoint as a model artifact, "
+                                          "in one process; a sharded (DCP) checkpoint is read teacher-only.")
+    p.add_argument("checkpoint", type=Path, help="run directory (newest good checkpoint), .ckpt file or .dcp dir")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    p.add_argument("--name", help="model name (default: dinoforge-pretrain-stepN)")
+    p.add_argument("--no-heads", action="store_true", help="backbone only (no DINO / iBOT heads)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_export)
 
     p = subparsers.add_parser("plot", help="write PNG training curves of a pretraining run")
     p.add_argument("run_dir", type=Path, help="run directory holding metrics.jsonl")
@@ -45,6 +57,17 @@ def _pretrain(args: argparse.Namespace) -> int:
         state = "stopped early" if result.stopped_early else "finished"
         extra = f", k-NN top-1 {result.last_metrics['knn_top1']:.2f}%" if "knn_top1" in result.last_metrics else ""
         print(f"{state} at step {result.steps}{extra}; teacher artifact: {result.artifact}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dinoforge.core.errors import ArtifactError
+    from dinoforge.pretrain.teacher_export import export_checkpoint
+
+    if args.out.exists() and not args.overwrite:
+        raise ArtifactError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    path = export_checkpoint(args.checkpoint, args.out, name=args.name, include_heads=not args.no_heads)
+    print(path)
     return 0
 
 

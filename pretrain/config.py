@@ -63,6 +63,9 @@ class CheckpointConfig(StrictModel):
     keep: int = Field(3, gt=0, description="checkpoints kept (older ones deleted; >= 2 allows fallback)")
     resume: bool = Field(True, description="continue from the newest good checkpoint of run_dir")
     artifact_every_steps: int | None = Field(None, gt=0, description="also write the teacher artifact")
+    format: Literal["file", "dcp"] = Field("file", description="file: one file gathered on rank 0; dcp: sharded "
+                                           "torch.distributed.checkpoint directory, resumable at any world size")
+    async_save: bool = Field(False, description="dcp: write in the background while training continues")
 
 
 class MonitorConfig(StrictModel):

@@ -14,8 +14,9 @@ whose values end up unused (``nn.Linear``'s construction-time init that timm the
 own init before it copies the student) are replayed into a scratch tensor, only to advance the generator. The
 teacher's ``copy_`` of a finished student parameter becomes a local shard-to-shard copy. Peak memory is the
 shards plus one full parameter, and the global generator ends in the state the ordinary build leaves (the
-stochastic-depth draws of training then match too). Any write the replay cannot reproduce (a partial view, a
-value computed from a non-parameter tensor, a parameter that is never written) raises
+stochastic-depth draws of training then match too). Writes to part of a parameter (timm's SwiGLU init sets
+half of ``fc1``) are replayed on the same view of the full tensor. Any write the replay cannot reproduce (a
+value computed from a non-parameter tensor, a parameter that is never written whole) raises
 :class:`MetaInitError` instead of guessing.
 """
 
@@ -90,7 +91,15 @@ class _Target:
     get: Callable[[], torch.Tensor]  # the (possibly DTensor) tensor after sharding and to_empty
 
     def covers(self, t: torch.Tensor) -> bool:
-        return t.shape == self.meta.shape and t.storage_offset() == self.meta.storage_offset()
+        """``t`` is the whole tensor (not a view of part of it)."""
+        return (t.shape == self.meta.shape and t.stride() == self.meta.stride()
+                and t.storage_offset() == self.meta.storage_offset())
+
+    def view_of(self, full: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The part of ``full`` (laid out like :attr:`meta`) that the meta view ``t`` of this target covers."""
+        if self.covers(t):
+            return full
+        return full.as_strided(t.shape, t.stride(), t.storage_offset() - self.meta.storage_offset())
 
     def local(self) -> torch.Tensor:
         value = self.get()
@@ -105,7 +114,8 @@ class _Target:
             self.local().copy_(part)
 
 
-def _targets(trees: dict[str, nn.Module]) -> dict[int, _Target]:
+def targets_of(trees: dict[str, nn.Module]) -> dict[int, _Target]:
+    """Every parameter and buffer of the named module trees, keyed by its (meta) storage: what replay fills."""
     found: dict[int, _Target] = {}
     for tree_name, tree in trees.items():
         for kind, named in (("param", tree.named_parameters()), ("buffer", tree.named_buffers())):
@@ -141,10 +151,8 @@ def _plan(events: list[_Event], targets: dict[int, _Target]) -> _Plan:
     for i, event in enumerate(events):
         if not event.inplace or (key := _key(event.args[0])) not in targets:
             continue
-        if not targets[key].covers(event.args[0]):
-            raise MetaInitError(f"meta init cannot replay a write to part of {targets[key].name} ({event.func})")
         last_write[key] = i
-        if event.overwrites:
+        if event.overwrites and targets[key].covers(event.args[0]):  # a write to a view keeps the rest
             last_overwrite[key] = i
     missing = [t.name for k, t in targets.items() if k not in last_overwrite]
     if missing:
@@ -161,7 +169,7 @@ def _substitute(event: _Event, live: dict[int, torch.Tensor], targets: dict[int,
             return value
         key = _key(value)
         if key in live:
-            return live[key]
+            return targets[key].view_of(live[key], value)
         what = targets[key].name if key in targets else "a tensor that is not a parameter"
         raise MetaInitError(f"meta init cannot replay {event.func}: it reads {what}, whose value is not at hand")
 
@@ -196,7 +204,7 @@ def replay(events: list[_Event], targets: dict[int, _Target]) -> None:
             meta = targets[key].meta
             live[key] = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype)
         with torch.no_grad():
-            event.func(live[key], *_substitute(event, live, targets)[1:], **event.kwargs)
+            event.func(*_substitute(event, live, targets), **event.kwargs)
         if i == plan.last_write[key]:
             targets[key].write(live.pop(key))
             done.add(key)
@@ -230,7 +238,7 @@ def build_sharded_meta_arch(config: MetaArchConfig, parallel: ParallelConfig, *,
     with torch.device("meta"), recorder:
         student = build_student(config)
         teacher = ema_teacher_from(student, config)
-    targets = _targets({"student": student, "teacher": teacher})
+    targets = targets_of({"student": student, "teacher": teacher})
     meta = SSLMetaArch(config, student=student, teacher=teacher)  # centres are built for real (tiny)
     par = parallelize(meta, parallel, world_size=world_size, device=device)
     for tree in (meta.student, meta.teacher):

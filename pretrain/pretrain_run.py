@@ -21,6 +21,7 @@ from dinoforge.core.errors import CheckpointError
 from dinoforge.core.runtime import Runtime, seed_everything
 from dinoforge.pretrain.checkpointing import load_checkpoint, load_latest
 from dinoforge.pretrain.config import PretrainConfig
+from dinoforge.pretrain.dcp import read_dcp_tensors
 from dinoforge.pretrain.data import BatchLayout, PretrainBatches
 from dinoforge.pretrain.knn_monitor import KnnMonitor
 from dinoforge.pretrain.masking import MaskingGenerator, official_max_num_patches
@@ -86,6 +87,8 @@ class PretrainSpec:
             state = found.state
         else:
             state = load_checkpoint(path)
+        if "dcp_dir" in state:  # a sharded checkpoint: its student and teacher tensors, read whole
+            state = {**state, **{key: read_dcp_tensors(state["dcp_dir"], key) for key in ("student", "teacher")}}
         model_cfg = self.cfg.model
         try:
             for key in ("student", "teacher"):

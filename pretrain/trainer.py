@@ -29,7 +29,7 @@ import yaml
 from dinoforge.core.config import config_to_yaml, save_config
 from dinoforge.core.errors import CheckpointError
 from dinoforge.core.runtime import Runtime, init_runtime, shutdown_runtime
-from dinoforge.pretrain.checkpointing import checkpoint_path, load_latest, prune_checkpoints, save_checkpoint
+from dinoforge.pretrain.checkpointing import load_latest
 from dinoforge.pretrain.data import batch_loader
 from dinoforge.pretrain.monitor import MetricsLog, Progress as ProgressBar
 from dinoforge.pretrain.optim import build_optimizer
@@ -37,7 +37,7 @@ from dinoforge.pretrain.schedules import build_schedules
 from dinoforge.pretrain.spec import TrainSpec, check_unchanged
 from dinoforge.pretrain.spikes import SpikeDetector
 from dinoforge.pretrain.train_loop import StepResult, make_precision, move_batch, train_step
-from dinoforge.pretrain.train_state import Progress, collect_state, restore_state
+from dinoforge.pretrain.train_state import CheckpointWriter, Progress, restore_state
 
 log = logging.getLogger("dinoforge.pretrain")
 _IMMUTABLE_ON_RESUME = ("seed", "data.source", "schedule")  # the spec adds its own (model, crops ...)
@@ -82,6 +82,8 @@ class Trainer:
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.detector = SpikeDetector(cfg.spike)
+        ck = cfg.checkpoint
+        self.checkpoints = CheckpointWriter(self.ckpt_dir, fmt=ck.format, async_save=ck.async_save, keep=ck.keep)
         self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.monitor.tensorboard) if self.rt.is_main else None
 
     # ------------------------------------------------------------------ resume
@@ -117,13 +119,10 @@ class Trainer:
         self.detector.load_state_dict(state["spikes"])
 
     def _save(self) -> None:
-        state = collect_state(student=self.parts.student, teacher=self.parts.teacher, centres=self.parts.state,
-                              optimizer=self.optimizer, scaler=self.precision.scaler, progress=self.progress,
-                              spikes=self.detector.state_dict(), config_yaml=self._config_yaml())
-        state["world_size"] = self.rt.world_size
-        if self.rt.is_main:
-            save_checkpoint(checkpoint_path(self.ckpt_dir, self.progress.step), state)
-            prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep)
+        self.checkpoints.save(self.progress.step, student=self.parts.student, teacher=self.parts.teacher,
+                              centres=self.parts.state, optimizer=self.optimizer, scaler=self.precision.scaler,
+                              progress=self.progress, spikes=self.detector.state_dict(),
+                              config_yaml=self._config_yaml())
         _barrier()
 
     def _config_yaml(self) -> str:
@@ -204,6 +203,7 @@ class Trainer:
                         result.losses["total"])
 
     def _rollback(self, spike_data_step: int) -> bool:
+        self.checkpoints.wait()  # a background save must be complete to be rolled back to
         found = load_latest(self.ckpt_dir)
         if found is None:
             log.warning("loss spike but no checkpoint to roll back to: skipping the update instead")
@@ -229,6 +229,7 @@ class Trainer:
 
     def _finish(self, last: dict[str, Any]) -> Path | None:
         self._save()
+        self.checkpoints.wait()
         if self.cfg.knn.at_end:
             knn = self._knn_record()
             last.update(knn or {})

@@ -6,6 +6,7 @@ state and writes it (with the generator state) for the test to compare with an o
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,12 +16,13 @@ import torch
 from dinoforge.core.runtime import init_runtime, seed_everything, shutdown_runtime
 from dinoforge.pretrain.config import load_pretrain_config
 from dinoforge.pretrain.meta_arch import MetaArchConfig, SSLMetaArch, build_student, ema_teacher_from
-from dinoforge.pretrain.meta_init import InitRecorder, MetaInitError, _targets, build_sharded_meta_arch, replay
+from dinoforge.pretrain.meta_init import InitRecorder, MetaInitError, build_sharded_meta_arch, replay, targets_of
 from dinoforge.pretrain.parallelize import ParallelConfig
 
-# stochastic depth, a separate iBOT head and registers: every kind of parameter the recipes build
+# stochastic depth, a separate iBOT head, registers and SwiGLU (whose init writes half of fc1): every kind of
+# parameter and init the recipes build
 OVERRIDES = ["run_dir=unused", "model.backbone.drop_path_rate=0.2", "model.ibot_separate_head=true",
-             "model.backbone.num_register_tokens=2"]
+             "model.backbone.num_register_tokens=2", "model.backbone.ffn=swiglu"]
 
 
 def _config() -> MetaArchConfig:
@@ -43,7 +45,7 @@ def test_recorded_construction_replays_to_the_ordinary_weights() -> None:
         student = build_student(_config())
         teacher = ema_teacher_from(student, _config())
     trees = {"student": student, "teacher": teacher}
-    targets = _targets(trees)
+    targets = targets_of(trees)
     for tree in trees.values():
         tree.to_empty(device="cpu")
     replay(recorder.events, targets)
@@ -63,7 +65,7 @@ def test_unreplayable_construction_is_refused() -> None:
     recorder = InitRecorder()
     with torch.device("meta"), recorder:
         module = Computed()
-    targets = _targets({"m": module})
+    targets = targets_of({"m": module})
     module.to_empty(device="cpu")
     with pytest.raises(MetaInitError, match="never written in place"):
         replay(recorder.events, targets)
@@ -72,8 +74,7 @@ def test_unreplayable_construction_is_refused() -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sharded_meta_init_equals_ordinary_build(tmp_path: Path) -> None:
-    from tests.helpers import process_env
-    import subprocess
+    from tests.helpers import process_env  # here: the module also runs as a plain script (the worker)
 
     out = tmp_path / "sharded.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, str(out)]
