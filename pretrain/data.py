@@ -2,9 +2,12 @@
 
 Every batch is a pure function of ``(seed, data_step)``:
 
-* **Sampling.** The dataset is read as an endless stream; epoch ``e`` of the stream is a permutation seeded
-  by ``(seed, e)``. Data step ``t`` takes stream positions ``[t*G, (t+1)*G)`` where ``G`` is the *global*
-  batch (micro-batch x accumulation x world size). Resuming needs only ``t``.
+* **Sampling.** The dataset is read as an endless stream. Data step ``t`` takes stream positions
+  ``[t*G, (t+1)*G)`` where ``G`` is the *global* batch (micro-batch x accumulation x world size). Indexed
+  sources map position to row by a per-epoch order seeded by ``(seed, e)`` (block-wise beyond 2^20 rows, so
+  no process holds an index array of the whole dataset: :mod:`dinoforge.core.data.order`); WebDataset shards
+  map it to a sample of one of ``V`` shard streams (:mod:`dinoforge.core.data.stream`). Resuming needs only
+  ``t``, on any number of ranks, as long as ``G`` is kept.
 * **Sharding.** Position ``j`` of a global batch belongs to rank ``r``, micro-batch ``m`` when
   ``j // Bm == r * accum + m``: a rank reads only its own slice, and 1 process with 2 micro-batches reads
   exactly what 2 processes with 1 micro-batch read.
@@ -26,9 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dinoforge.core.data.order import DEFAULT_BLOCK_SIZE, EpochOrder
 from dinoforge.pretrain.augment import SLOTS, CropsConfig, MultiCropAugmentation
 from dinoforge.pretrain.masking import MaskingGenerator, collate_masks, mask_statistics
-from dinoforge.pretrain.sources import PretrainSource
+from dinoforge.pretrain.sources import PretrainSource, PretrainStream
 
 Batch = dict[str, object]
 
@@ -62,30 +66,15 @@ class BatchLayout:
         return slice(start, start + self.micro_batch)
 
 
-class StreamSampler:
-    """Endless stream of dataset indices: one seeded permutation per epoch (or the identity)."""
+class StreamSampler(EpochOrder):
+    """Endless stream of dataset indices: one seeded order per epoch (or the identity).
 
-    def __init__(self, n: int, *, seed: int, shuffle: bool = True) -> None:
-        if n <= 0:
-            raise ValueError("cannot sample from an empty dataset")
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self._cache: tuple[int, np.ndarray] | None = None
+    An :class:`~dinoforge.core.data.order.EpochOrder` keyed to the pretraining stream: a plain permutation up to
+    ``block_size`` rows (the order this sampler always gave), block-wise beyond.
+    """
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if self._cache is None or self._cache[0] != epoch:
-            perm = np.random.default_rng([self.seed, _STREAM_PERM, epoch]).permutation(self.n) if self.shuffle \
-                else np.arange(self.n)
-            self._cache = (epoch, perm)
-        return self._cache[1]
-
-    def indices(self, start: int, count: int) -> np.ndarray:
-        """Dataset indices of stream positions ``[start, start + count)``."""
-        pos = np.arange(start, start + count)
-        out = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(pos // self.n):
-            sel = pos // self.n == epoch
-            out[sel] = self._perm(int(epoch))[pos[sel] % self.n]
-        return out
+    def __init__(self, n: int, *, seed: int, shuffle: bool = True, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        super().__init__(n, seed=seed, shuffle=shuffle, block_size=block_size, key=[_STREAM_PERM])
 
 
 def _seed_int(*parts: int) -> int:
@@ -105,12 +94,15 @@ class PretrainBatches(torch.utils.data.Dataset):
         seed: run seed.
     """
 
-    def __init__(self, source: PretrainSource, crops: CropsConfig, layout: BatchLayout, *,
+    def __init__(self, source: PretrainSource | PretrainStream, crops: CropsConfig, layout: BatchLayout, *,
                  mask_generator: MaskingGenerator, mask_ratio: tuple[float, float], mask_probability: float,
                  seed: int) -> None:
         self.source, self.crops, self.layout = source, crops, layout
         self.augment = MultiCropAugmentation(crops)
-        self.sampler = StreamSampler(len(source), seed=seed)
+        # Indexed sources map stream positions to rows here; shard streams map them to (stream, sample) themselves.
+        self.sampler = StreamSampler(len(source), seed=seed) if isinstance(source, PretrainSource) else None
+        if isinstance(source, PretrainStream):
+            source.bind(seed=seed, global_batch=layout.global_batch)
         self.mask_generator = mask_generator
         self.mask_ratio, self.mask_probability, self.seed = mask_ratio, mask_probability, seed
 
@@ -128,14 +120,15 @@ class PretrainBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> list[Batch]:
         lay = self.layout
         g = lay.global_batch
-        indices = self.sampler.indices(step * g, g)  # [G]
+        positions = np.arange(step * g, (step + 1) * g, dtype=np.int64)  # [G] global stream positions
+        indices = self.sampler.indices_at(positions) if self.sampler is not None else positions  # [G]
         rng = np.random.default_rng([self.seed, _STREAM_AUG, step])
         uniforms = rng.random((g, self.crops.n_crops, SLOTS))  # [G, n_crops, SLOTS] drawn for all ranks
         masks, upperbound = self.global_masks(step)
         out = []
         for micro in range(lay.accum):
             rows = lay.micro_slice(micro)
-            images = [self.source.image(int(i)) for i in indices[rows]]
+            images = self.source.images(indices[rows])
             global_crops, local_crops = self.augment(images, uniforms[rows])  # [2, Bm, ...], [nL, Bm, ...]
             batch: Batch = {
                 "global_crops": global_crops.flatten(0, 1),  # [2*Bm, 3, G, G] crop-major

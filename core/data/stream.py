@@ -33,13 +33,17 @@ from dinoforge.core.errors import DataError
 if TYPE_CHECKING:
     from dinoforge.core.data.webdataset import WebDatasetSource
 
-try:  # the HTTP back-end of fsspec raises aiohttp's errors for failed requests
-    from aiohttp import ClientError as _HttpError
-except ImportError:  # pragma: no cover - aiohttp comes with fsspec[http]
-    _HttpError = OSError
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    try:  # the HTTP back-end of fsspec raises aiohttp's errors for failed requests
+        from aiohttp import ClientError
+    except ImportError:  # pragma: no cover - aiohttp comes with fsspec[http]
+        return (OSError,)
+    return (OSError, ClientError)
+
 
 #: What reading a shard may raise besides tar errors: missing file, network failure, refused request.
-SHARD_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, _HttpError)
+SHARD_READ_ERRORS = _read_errors()
 COUNTS_FILE = "wds-counts.json"
 _PERM_KEY = 4
 RawItem = tuple[str, str, dict[str, bytes]]
