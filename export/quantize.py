@@ -13,10 +13,21 @@ Choices and why:
   and entropy are available for models with activation outliers.
 
 The variants ``bench/bench_int8.py`` compares (the export default stays the QDQ ``cpu`` scheme until one of
-them measures faster on a quiet machine): ONNX Runtime's transformer fusions first
-(:func:`fuse_transformer`: GELU, skip + LayerNorm, attention where its pattern matches), the QOperator format
-instead of QDQ, per-tensor instead of per-channel weights, and dynamic quantization (activations quantized
-per batch at run time, no calibration) of the same weight matmuls.
+them measures faster on a quiet machine): ONNX Runtime's transformer fusions first (:func:`fuse_transformer`:
+one ``Attention`` node per block — the fp32 graph of :class:`~dinoforge.export.graph.ExportableViT` is written
+in the form the fusion matches —, ``SkipLayerNormalization``, ``BiasGelu``), the QOperator format instead of QDQ,
+per-tensor instead of per-channel weights, and dynamic quantization (activations quantized per batch at run
+time, no calibration). Which ops each path turns int8:
+
+* dynamic: every weight matmul (``DynamicQuantizeMatMul`` once ONNX Runtime fuses it) and the fused
+  ``Attention`` (``QAttention``: int8 qkv projection, float softmax);
+* static (QDQ / QOperator): weight matmuls only — ONNX Runtime has no static quantized ``Attention``, so the
+  static variants fuse to ``MultiHeadAttention`` (``attention="mha"``), which keeps the q / k / v projections
+  as plain ``MatMul`` nodes the quantizer reaches;
+* always float: LayerNorm / SkipLayerNorm, Softmax, GELU, the attention score products, and convolutions
+  (patch projection, conv or MobileNetV2 stem) unless ``convs=True``: ONNX Runtime's dynamic ``ConvInteger``
+  has no fast CPU kernel and int8 depthwise convolutions are often slower than fp32 on x86, while the stem
+  is a small share of a hybrid model's compute — the bench times the option.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import onnx
 from dinoforge.export.errors import ExportError
 
 log = logging.getLogger(__name__)
+AttentionFusion = Literal["attention", "mha"]
 CalibMethod = Literal["minmax", "percentile", "entropy"]
 Int8Scheme = Literal["cpu", "tensorrt"]
 QuantFormatName = Literal["qdq", "qoperator"]
@@ -40,10 +52,19 @@ QuantFormatName = Literal["qdq", "qoperator"]
 
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:
     """Names of MatMul/Gemm nodes whose second operand is an initializer (i.e. a linear layer)."""
-    inits = {t.name for t in model.graph.initializer}
-    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return quantizable_nodes(model)
+
+
+def quantizable_nodes(model: onnx.ModelProto, *, attention: bool = False, convs: bool = False) -> list[str]:
+    """Names of the nodes to quantize: weight MatMul/Gemm, plus fused ``Attention`` and ``Conv`` if asked.
+
+    A node qualifies when its second input (the weight) is an initializer or a ``Constant``.
+    """
+    weights = {t.name for t in model.graph.initializer}
+    weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    types = {"MatMul", "Gemm"} | ({"Attention"} if attention else set()) | ({"Conv"} if convs else set())
     return [n.name for n in model.graph.node
-            if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and (n.input[1] in inits | consts)]
+            if n.op_type in types and len(n.input) > 1 and n.input[1] in weights]
 
 
 class _BatchReader:
@@ -61,19 +82,30 @@ class _BatchReader:
         raise NotImplementedError("calibration data is read once")
 
 
-def fuse_transformer(model: onnx.ModelProto, num_heads: int, hidden_size: int
-                     ) -> tuple[onnx.ModelProto, dict[str, int]]:
+def fuse_transformer(model: onnx.ModelProto, num_heads: int, hidden_size: int, *,
+                     attention: AttentionFusion = "attention") -> tuple[onnx.ModelProto, dict[str, int]]:
     """ONNX Runtime's transformer fusions (its python fusion pass, no graph-level optimisation).
 
+    Args:
+        model: fp32 graph (left unchanged: the fusion pass rewrites a copy).
+        num_heads, hidden_size: the backbone's attention heads and width.
+        attention: ``attention`` fuses each block's attention with its qkv projection into one ``Attention``
+            node (what dynamic int8 turns into ``QAttention``); ``mha`` into ``MultiHeadAttention`` after
+            q / k / v ``MatMul`` nodes that stay outside (what static int8 can quantize).
+
     Returns:
-        The fused graph (``com.microsoft`` ops: ``Gelu``, ``SkipLayerNormalization``, ``Attention`` where the
-        attention pattern matches) and how many of each fused operator it holds.
+        The fused graph (``com.microsoft`` ops: ``Attention`` or ``MultiHeadAttention``, ``BiasGelu``,
+        ``SkipLayerNormalization``) and how many of each fused operator it holds.
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    fused = optimize_model(model, model_type="vit", num_heads=num_heads, hidden_size=hidden_size,
-                           optimization_options=FusionOptions("vit"), opt_level=0)
+    options = FusionOptions("vit")
+    options.use_multi_head_attention = attention == "mha"
+    source = onnx.ModelProto()
+    source.CopyFrom(model)  # optimize_model rewrites the proto it is given in place
+    fused = optimize_model(source, model_type="vit", num_heads=num_heads, hidden_size=hidden_size,
+                           optimization_options=options, opt_level=0)
     stats = {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
     model = fused.model
     if stats and not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -82,11 +114,16 @@ def fuse_transformer(model: onnx.ModelProto, num_heads: int, hidden_size: int
     return model, stats
 
 
-def quantize_dynamic_int8(model: onnx.ModelProto, *, per_channel: bool = True) -> onnx.ModelProto:
-    """Dynamic int8 of the weight matmuls: weights int8 offline, activations quantized per batch at run time."""
+def quantize_dynamic_int8(model: onnx.ModelProto, *, per_channel: bool = True,
+                          convs: bool = False) -> onnx.ModelProto:
+    """Dynamic int8: weights int8 offline, activations quantized per batch at run time (no calibration).
+
+    Quantizes the weight matmuls, each fused ``Attention`` (to ``QAttention``) and, with ``convs``, the
+    convolutions (``ConvInteger``).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    nodes = weight_matmuls(model)
+    nodes = quantizable_nodes(model, attention=True, convs=convs)
     if not nodes:
         raise ExportError("no weight MatMul/Gemm found to quantize")
     with tempfile.TemporaryDirectory(prefix="dinoforge-int8-") as tmp:
@@ -99,7 +136,7 @@ def quantize_dynamic_int8(model: onnx.ModelProto, *, per_channel: bool = True) -
 
 def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: Int8Scheme = "cpu",
                   method: CalibMethod = "minmax", batch: int = 16, quant_format: QuantFormatName = "qdq",
-                  per_channel: bool = True) -> onnx.ModelProto:
+                  per_channel: bool = True, convs: bool = False) -> onnx.ModelProto:
     """Quantize an fp32 graph to int8 (QDQ by default).
 
     Args:
@@ -111,6 +148,7 @@ def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: In
         quant_format: ``qdq`` (Q/DQ pairs around float ops, the format TensorRT reads) or ``qoperator``
             (quantized operators such as ``QLinearMatMul``; ONNX Runtime only).
         per_channel: one weight scale per output channel (default) or one per tensor.
+        convs: also quantize the convolutions (patch projection, stem); float by default (module docstring).
 
     Returns:
         The quantized graph (metadata is not copied; the caller sets it).
@@ -127,7 +165,7 @@ def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: In
         onnx.save_model(model, str(src))
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         prepared = onnx.load(str(pre))
-        nodes = weight_matmuls(prepared)
+        nodes = quantizable_nodes(prepared, convs=convs)
         if not nodes:
             raise ExportError("no weight MatMul/Gemm found to quantize")
         reader = _BatchReader(model.graph.input[0].name, calibration, batch)
