@@ -3,15 +3,22 @@
     python bench/bench_int8.py [--artifact DIR ...] [--batch 8] [--threads 2] [--iters 20] [--knn-images 1000]
     python bench/bench_int8.py --quick      # smoke test: the tiny test model, 2 iterations, 40 k-NN images
 
-Without ``--artifact`` it runs a random ViT-S/14 at 224 px and the random ``test`` student (weights do not
-change speed; pass trained artifacts for the k-NN drop to mean anything). For each model the fp32 graph of
+Without ``--artifact`` it runs a random ViT-S/14 at 224 px (speed only: its k-NN numbers mean nothing) and the
+demo's distilled student (``runs/demo/distill/artifacts/vit192``, written by ``make demo``) when it exists.
+Random weights get small non-zero biases: a fresh init's zero biases are dropped by the graph simplifier, which
+would hide the bias ``Add`` nodes every trained model has and the fusions need. For each model the fp32 graph of
 ``dinoforge export onnx`` is quantized several ways (``export/quantize.py``):
 
-* ``qdq`` — today's export default: static QDQ, uint8 activations, per-channel int8 weights, weight matmuls only;
-* ``qdq-per-tensor`` — the same with one weight scale per tensor;
-* ``fused+qdq`` / ``fused+qoperator`` — ONNX Runtime's transformer fusions (GELU, skip + LayerNorm, attention
-  where its pattern matches) first, then static QDQ or QOperator (``QLinearMatMul``);
-* ``dynamic`` / ``fused+dynamic`` — dynamic quantization of the same matmuls (no calibration).
+* ``fused fp32`` — ONNX Runtime's transformer fusions alone: one ``Attention`` per block, skip + LayerNorm,
+  bias + GELU;
+* ``qdq`` — today's export default: static QDQ, uint8 activations, per-channel int8 weights, weight matmuls;
+* ``dynamic`` / ``fused+dynamic`` — dynamic quantization (no calibration) of the weight matmuls, and in the
+  fused graph of each ``Attention`` too (``QAttention``); ``fused+dynamic-per-tensor``: one weight scale per
+  tensor;
+* ``mha+qdq`` / ``mha+qoperator`` / ``mha+dynamic`` — the fusions with ``MultiHeadAttention`` (q / k / v
+  projections stay ``MatMul`` nodes, which static quantization reaches), then static QDQ, static QOperator
+  (``QLinearMatMul``) or dynamic;
+* for a model with a convolutional stem, ``mha+qoperator+convs`` — the stem and patch convolutions int8 too.
 
 Each graph runs in its own session (``--threads`` intra-op threads) on ``--batch`` real images: the median of
 ``--iters`` timed runs gives img/s and the speed-up over fp32; min cosine of the CLS embedding against fp32 on
@@ -46,29 +53,52 @@ from dinoforge.export.parity_data import default_image_dir, load_fmnist_knn, loa
 from dinoforge.export.parity_eval import session_for
 from dinoforge.export.quantize import fuse_transformer, quantize_dynamic_int8, quantize_int8
 
+DEMO_STUDENT = Path(__file__).resolve().parents[1] / "runs/demo/distill/artifacts/vit192"  # `make demo` step 3
+
 
 def variants(fp32: onnx.ModelProto, calib: np.ndarray, art: Artifact) -> tuple[dict[str, onnx.ModelProto],
-                                                                              dict[str, int]]:
-    """Every graph to compare (fp32 first) and the fused-operator counts of the fusion pass."""
+                                                                              dict[str, dict[str, int]]]:
+    """Every graph to compare (fp32 first) and the fused-operator counts of both fusion passes."""
     arch = art.card.architecture
     fused, stats = fuse_transformer(fp32, arch.num_heads, arch.embed_dim)
+    mha, mha_stats = fuse_transformer(fp32, arch.num_heads, arch.embed_dim, attention="mha")
     builders: dict[str, Callable[[], onnx.ModelProto]] = {
         "fp32": lambda: fp32,
         "fused fp32": lambda: fused,
         "qdq": lambda: quantize_int8(fp32, calib),
-        "qdq-per-tensor": lambda: quantize_int8(fp32, calib, per_channel=False),
-        "fused+qdq": lambda: quantize_int8(fused, calib),
-        "fused+qoperator": lambda: quantize_int8(fused, calib, quant_format="qoperator"),
         "dynamic": lambda: quantize_dynamic_int8(fp32),
         "fused+dynamic": lambda: quantize_dynamic_int8(fused),
+        "fused+dynamic-per-tensor": lambda: quantize_dynamic_int8(fused, per_channel=False),
+        "mha+qdq": lambda: quantize_int8(mha, calib),
+        "mha+qoperator": lambda: quantize_int8(mha, calib, quant_format="qoperator"),
+        "mha+dynamic": lambda: quantize_dynamic_int8(mha),
     }
+    if sum(n.op_type == "Conv" for n in fp32.graph.node) > 1:  # a stem besides the patch projection
+        builders["mha+qoperator+convs"] = lambda: quantize_int8(mha, calib, quant_format="qoperator", convs=True)
     out = {}
     for name, build in builders.items():
         try:
             out[name] = build()
         except Exception as err:  # noqa: BLE001 - a variant ONNX Runtime cannot build is a result, not a crash
             print(f"  {name}: not built: {type(err).__name__}: {err}", flush=True)
-    return out, stats
+    return out, {"attention": stats, "mha": mha_stats}
+
+
+def trained_like_biases(backbone: torch.nn.Module, seed: int = 0) -> None:
+    """Give a random-init backbone's zero biases small random values (in place; speed benches only)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in backbone.named_parameters():
+            if name.endswith("bias") and not param.any():
+                param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+
+
+def default_artifacts(root: Path, quick: bool) -> list[Path]:
+    """Random ViT-S/14 at 224 px and the demo's student if ``make demo`` wrote it; ``quick``: the tiny model."""
+    vits, tiny = _random_artifacts(root)
+    if quick:
+        return [tiny]
+    return [vits] + ([DEMO_STUDENT] if (DEMO_STUDENT / "model.json").is_file() else [])
 
 
 def knn_accuracy(session: Any, x: np.ndarray, train_y: torch.Tensor, test_y: torch.Tensor, pooling: str) -> float:
@@ -82,6 +112,9 @@ def knn_accuracy(session: Any, x: np.ndarray, train_y: torch.Tensor, test_y: tor
 def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Every variant of one artifact: img/s, speed-up, cosine and k-NN drop against fp32."""
     art = load_artifact(path)
+    random_init = art.card.provenance.source == "random-init"
+    if random_init:
+        trained_like_biases(art.backbone)
     pre = art.card.preprocessing
     hw = (pre.size, pre.size)
     images = load_images(default_image_dir(), args.batch + 32)
@@ -90,7 +123,7 @@ def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     fp32, _ = export_module(ExportableViT(art.backbone, hw))
     graphs, stats = variants(fp32, calib, art)
     knn = None
-    if args.knn_images:
+    if args.knn_images and (args.quick or not random_init):  # random weights: k-NN is meaningless, skip its cost
         train, train_y, test, test_y = load_fmnist_knn(limit=args.knn_images)
         knn = (pixels_to_input(to_pixels(train + test, pre, hw), pre).numpy(), train_y, test_y)
     rows: list[dict[str, Any]] = []
@@ -106,20 +139,22 @@ def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         if knn is not None:
             row["knn_accuracy"] = knn_accuracy(session, knn[0], knn[1], knn[2], art.card.default_pooling)
         rows.append(row)
-        print(f"  {art.card.name:>16s} {name:16s} {row['img_per_s']:9.1f} img/s", flush=True)
+        print(f"  {art.card.name:>16s} {name:24s} {row['img_per_s']:9.1f} img/s", flush=True)
     for row in rows:
         row["speedup_vs_fp32"] = row["img_per_s"] / rows[0]["img_per_s"]
         if knn is not None:
             row["knn_drop_pt"] = 100 * (rows[0]["knn_accuracy"] - row["knn_accuracy"])
-    return {"artifact": art.card.name, "resolution": pre.size, "fused_operators": stats, "rows": rows}
+    return {"artifact": art.card.name, "resolution": pre.size, "random_weights": random_init,
+            "fused_operators": stats, "rows": rows}
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"{result['artifact']} at {result['resolution']} px; fusions: {result['fused_operators']}",
-             f"{'variant':16s} {'img/s':>9s} {'x fp32':>7s} {'min cos':>8s} {'k-NN drop pt':>12s} {'MB':>7s}"]
+    note = " (random weights: k-NN meaningless, speed only)" if result.get("random_weights") else ""
+    lines = [f"{result['artifact']} at {result['resolution']} px{note}; fusions: {result['fused_operators']}",
+             f"{'variant':24s} {'img/s':>9s} {'x fp32':>7s} {'min cos':>8s} {'k-NN drop pt':>12s} {'MB':>7s}"]
     for r in result["rows"]:
         drop = f"{r['knn_drop_pt']:12.2f}" if "knn_drop_pt" in r else f"{'-':>12s}"
-        lines.append(f"{r['variant']:16s} {r['img_per_s']:9.1f} {r['speedup_vs_fp32']:7.2f} "
+        lines.append(f"{r['variant']:24s} {r['img_per_s']:9.1f} {r['speedup_vs_fp32']:7.2f} "
                      f"{r['min_cosine_vs_fp32']:8.5f} {drop} {r['bytes'] / 1e6:7.2f}")
     return "\n".join(lines)
 
@@ -138,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         args.iters, args.knn_images = 2, min(args.knn_images, 40)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = args.artifact or _random_artifacts(Path(tmp))[1 if args.quick else 0:]
+        artifacts = args.artifact or default_artifacts(Path(tmp), args.quick)
         results = [bench_model(a, args) for a in artifacts]
     for result in results:
         print(table(result))
