@@ -60,7 +60,7 @@ demo: install data
 	  | tail -n 1
 	$(DF) curate --config curate/recipes/photos_fmnist.yaml output=$(DEMO)/photos_clean \
 	  pool=manifest:$(DEMO)/photos_curated/manifest.csv | tail -n 1
-	@echo "== 3/6 distil the ImageNet MobileNetV2 teacher into a 3.8M-parameter ViT (schedule compressed to 40 steps; the full recipe: 60 min, docs/distill.md)"
+	@echo "== 3/6 distil the ImageNet MobileNetV2 teacher into a 4.1M-parameter hybrid ViT (schedule compressed to 40 steps; the full recipe: 60 min, docs/distill.md)"
 	$(DF) distill --config mnv2_photos run_dir=$(DEMO)/distill schedule.epochs=4 schedule.epoch_length=10 \
 	  "data.source=manifest:$(DEMO)/photos_clean/manifest.csv[*10]+fmnist:train[~10000@0]" \
 	  knn.at_end=false monitor.progress=false
