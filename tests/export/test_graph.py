@@ -145,3 +145,28 @@ def test_knn_report_and_gates() -> None:
     fp16 = {c.name: c.passed for c in gate(section, "fp16", ParityThresholds())}
     assert all(v for k, v in fp16.items() if k != "knn.drop_pt") and not fp16["knn.drop_pt"]
     assert not any(c.passed for c in gate(section, "fp32", ParityThresholds()) if "cosine" in c.name)
+
+
+def test_fp32_attention_is_split_and_layerscale_folded_exactly() -> None:
+    """fp32: q / k / v Linears and LayerScale folded (the form ONNX Runtime fuses), same outputs; fp16 keeps both."""
+    from timm.layers import LayerScale
+
+    from dinoforge.export.graph import SplitQKV
+
+    torch.manual_seed(0)
+    model = build_backbone("test_reg4").eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.uniform_(0.01, 2.0)  # per-channel LayerScale, as after training
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.05)
+    module = ExportableViT(model, (56, 56)).eval()
+    assert all(isinstance(b.attn.qkv, SplitQKV) and isinstance(b.ls1, torch.nn.Identity)
+               and isinstance(b.ls2, torch.nn.Identity) for b in module.blocks)
+    assert isinstance(model.blocks[0].ls1, LayerScale)  # the backbone itself is not modified
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x)[0], model.forward_features(x)[:, 0], atol=1e-5, rtol=0)
+    half = ExportableViT(model, (56, 56), dtype=torch.float16)
+    assert isinstance(half.blocks[0].attn.qkv, torch.nn.Linear) and isinstance(half.blocks[0].ls1, LayerScale)
