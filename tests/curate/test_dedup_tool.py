@@ -1,0 +1,75 @@
+"""``dinoforge dedup`` for real: scikit-image photos with injected copies, resumed, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from dinoforge.core.cli import main
+from dinoforge.curate import edits
+from dinoforge.curate.copynet import DEFAULT_HEAD
+
+skimage = pytest.importorskip("skimage")
+ORIGINALS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "retina.jpg",
+             "hubble_deep_field.jpg", "ihc.png")
+#: (original, edit family) of the injected copies; each copy is also shrunk so the original is the largest.
+COPIES = (("astronaut.png", "crop+overlay"), ("coffee.png", "jpeg"), ("rocket.jpg", "text"),
+          ("chelsea.png", "flip"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dedup-input")
+    data = Path(skimage.__file__).parent / "data"
+    rng = np.random.default_rng(0)
+    for name in ORIGINALS:
+        with Image.open(data / name) as im:
+            image = im.convert("RGB")
+        image.thumbnail((256, 256))
+        image.save(root / f"{Path(name).stem}.png")
+    (root / "copies").mkdir()
+    for name, family in COPIES:
+        copy = edits.apply(family, Image.open(root / f"{Path(name).stem}.png"), rng)
+        copy.thumbnail((180, 180))
+        copy.save(root / "copies" / f"{Path(name).stem}-{family.replace('+', '_')}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.skipif(not DEFAULT_HEAD.is_file(), reason=f"no trained copy head at {DEFAULT_HEAD} "
+                    "(dinoforge copy-head --photos runs/photos --out it)")
+def test_dedup_groups_copies_and_resumes(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["dedup", str(folder), "--out", str(out)]) == 0
+    groups = pd.read_csv(out / "groups.csv")
+    kept = pd.read_csv(out / "kept.csv")
+    assert sorted(kept.path) == sorted(f"{Path(n).stem}.png" for n in ORIGINALS)  # every copy removed
+    for name, _ in COPIES:
+        group = groups[groups.path == f"{Path(name).stem}.png"].group.iloc[0]
+        members = groups[groups.group == group]
+        assert len(members) == 2 and (members.role == "copy").sum() == 1  # its copy, nothing else
+    assert Image.open(out / "groups.png").format == "PNG"
+    part = out / "embed" / "part-00000.npy"
+    stamp = part.stat().st_mtime_ns
+    assert main(["dedup", str(folder), "--out", str(out)]) == 0  # resumed: nothing re-embedded
+    assert part.stat().st_mtime_ns == stamp
+    assert pd.read_csv(out / "kept.csv").equals(kept)
+
+
+def test_dedup_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dedup", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) != 0
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    assert main(["dedup", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) != 0
+    assert "no readable image" in capsys.readouterr().err
+    (tmp_path / "one").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "one" / "a.png")
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert main(["dedup", str(tmp_path / "one"), "--out", str(tmp_path / "file" / "out")]) != 0
+    assert "cannot create output folder" in capsys.readouterr().err
+    assert main(["dedup", str(tmp_path / "one"), "--out", str(tmp_path / "o"), "--threshold", "2"]) != 0
+    assert "not a cosine similarity" in capsys.readouterr().err
