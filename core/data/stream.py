@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, Protocol
 
 import fsspec
 import numpy as np
@@ -30,8 +30,18 @@ import numpy as np
 from dinoforge.core.data.sample import BadSample
 from dinoforge.core.errors import DataError
 
-if TYPE_CHECKING:
-    from dinoforge.core.data.webdataset import WebDatasetSource
+
+
+class ShardSource(Protocol):
+    """What the stream machinery needs of a shard source (``WebDatasetSource``; a protocol, not an import,
+    because the WebDataset reader imports this module)."""
+
+    urls: Sequence[str]
+    spec: str
+
+    def raw_items(self, url: str) -> Iterator[tuple[str, str, dict[str, bytes]] | BadSample]:
+        """The shard's items in stored order: ``(key, url, {extension: bytes})`` or a bad-sample marker."""
+        ...
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -81,7 +91,7 @@ def read_text(url: str) -> str | None:
         return None
 
 
-def write_shard_counts(source: WebDatasetSource, path: str | Path | None = None) -> dict[str, int]:
+def write_shard_counts(source: ShardSource, path: str | Path | None = None) -> dict[str, int]:
     """Count the items of every shard (as the reader yields them) into ``wds-counts.json`` beside local shards."""
     counts = {posixpath.basename(u): sum(1 for _ in source.raw_items(u)) for u in source.urls}
     target = Path(path) if path is not None else local_path(posixpath.join(posixpath.dirname(source.urls[0]),
@@ -117,7 +127,7 @@ class ShardStreams:
         n_streams: streams ``V`` (default: :func:`choose_streams`); must divide ``global_batch``.
     """
 
-    def __init__(self, source: WebDatasetSource, *, seed: int, global_batch: int, n_streams: int | None = None) -> None:
+    def __init__(self, source: ShardSource, *, seed: int, global_batch: int, n_streams: int | None = None) -> None:
         n_streams = n_streams or choose_streams(global_batch, len(source.urls))
         if global_batch % n_streams or n_streams > len(source.urls):
             raise DataError(f"{n_streams} streams must divide the global batch ({global_batch}) and be at most the "
