@@ -117,7 +117,7 @@ def test_int8_static_qdq_per_channel(tiny_artifact: Path, tmp_path: Path, sample
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
                  and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim == 2]
-    assert len(weight_dq) == 8  # qkv, proj, fc1, fc2 in 2 blocks
+    assert len(weight_dq) == 12  # q, k, v (split for the attention fusion), proj, fc1, fc2 in 2 blocks
     assert all(inits[n.input[1]].ndim == 1 and inits[n.input[1]].size > 1 for n in weight_dq)  # per-channel
     section = json.loads((out / "parity.json").read_text())["graphs"]["56"]
     assert section["fp32_baseline"]["size_ratio"] < 0.8
