@@ -28,7 +28,7 @@ import yaml
 
 from dinoforge.core.config import config_to_yaml, save_config
 from dinoforge.core.errors import CheckpointError
-from dinoforge.core.runtime import Runtime, init_runtime, shutdown_runtime
+from dinoforge.core.runtime import Runtime, init_runtime, require_shared_dir, shutdown_runtime
 from dinoforge.pretrain.checkpointing import load_latest
 from dinoforge.pretrain.data import batch_loader
 from dinoforge.pretrain.monitor import MetricsLog, Progress as ProgressBar
@@ -134,6 +134,8 @@ class Trainer:
         if self.rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
+        # Several nodes train one run: rank 0's checkpoints must be the ones every rank resumes from.
+        require_shared_dir(self.rt, self.run_dir, "run_dir")
         self._resume()
         if self.cfg.knn.at_start and self.progress.step == 0:
             self._knn_record()
