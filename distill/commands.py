@@ -31,6 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "and raw pixels (tuxpaint leave-one-out, Fashion-MNIST)")
     p.add_argument("run_dir", type=Path, help="distillation run directory")
     p.add_argument("--onnx", type=Path, action="append", default=[], help="also an ONNX export directory")
+    p.add_argument("--artifact", type=Path, action="append", default=[],
+                   help="also another model artifact (e.g. a pretraining run's, for a side-by-side table)")
+    p.add_argument("--artifact-pooling", default="", metavar="P[,P]",
+                   help="score --artifact models under these poolings (default: each card's own)")
     p.add_argument("--protocols", default="tuxpaint,fmnist", help="tuxpaint, fmnist or both (default both)")
     p.add_argument("--fmnist-train", default="fmnist:train", help="k-NN bank (default the full 60k)")
     p.add_argument("--fmnist-test", default="fmnist:test", help="queries (default the full 10k)")
@@ -67,7 +71,9 @@ def _distill(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dinoforge.distill.evaluate import evaluate_models, format_table, run_models, write_table
 
-    models = run_models(args.run_dir, teacher=not args.no_teacher, pixels=not args.no_pixels, onnx=args.onnx)
+    poolings = [p.strip() for p in args.artifact_pooling.split(",") if p.strip()]
+    models = run_models(args.run_dir, teacher=not args.no_teacher, pixels=not args.no_pixels, onnx=args.onnx,
+                        artifacts=args.artifact, artifact_poolings=poolings)
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     table = evaluate_models(models, protocols=protocols, fmnist=(args.fmnist_train, args.fmnist_test))
     print(format_table(table))

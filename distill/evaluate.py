@@ -115,8 +115,11 @@ def evaluate_models(models: dict[str, EvalModel | None], *, protocols: Sequence[
     return table
 
 
-def run_models(run_dir: Path, *, teacher: bool, pixels: bool, onnx: Sequence[Path]) -> dict[str, EvalModel | None]:
-    """The models of a distillation run: teacher (optional), every student artifact, ONNX exports, pixels."""
+def run_models(run_dir: Path, *, teacher: bool, pixels: bool, onnx: Sequence[Path], artifacts: Sequence[Path] = (),
+               artifact_poolings: Sequence[str] = ()) -> dict[str, EvalModel | None]:
+    """The models of a distillation run: teacher (optional), every student artifact, ONNX exports, pixels, and
+    other artifacts to compare with (a pretraining run's, say), each under its card's pooling or under every
+    pooling of ``artifact_poolings``."""
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise ConfigError(f"{run_dir} is not a distillation run directory (no config.yaml)")
@@ -131,6 +134,9 @@ def run_models(run_dir: Path, *, teacher: bool, pixels: bool, onnx: Sequence[Pat
             models[student.name] = load_eval_model(art, poolings=(read_card(art).default_pooling,))
     for folder in onnx:
         models[f"onnx:{folder.name}"] = onnx_eval_model(folder)
+    for art in artifacts:
+        for pooling in artifact_poolings or (read_card(art).default_pooling,):
+            models[f"{art} ({pooling})"] = load_eval_model(art, poolings=(pooling,))
     if pixels:
         models["raw pixels"] = None
     return models

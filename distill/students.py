@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from dinoforge.core.backbone import BackboneConfig, DinoVisionTransformer
+from dinoforge.core.backbone.cnn_stem import load_mobilenet_stem
 from dinoforge.core.backbone.convert import check_state_dict
 from dinoforge.core.backbone.heads import DINOHead, HeadConfig
 from dinoforge.core.checkpoint import load_backbone
 from dinoforge.core.errors import CheckpointError, ConfigError
-from dinoforge.distill.config import DistillConfig, HeadModeConfig, StudentConfig, TeacherConfig
 from dinoforge.core.pretrained_cnn import locate_weights, read_state_dict
+from dinoforge.distill.config import DistillConfig, HeadModeConfig, StudentConfig, TeacherConfig
 from dinoforge.distill.feature_loss import build_adaptor
 from dinoforge.distill.teacher import FrozenTeacher
 from dinoforge.pretrain.blocks import HeadShape, MetaArchConfig
@@ -109,15 +110,8 @@ def stem_from_teacher(backbone: DinoVisionTransformer, teacher: TeacherConfig, s
                           f"teacher of kind torchvision, arch mobilenet_v2 (got blocks {blocks}, teacher "
                           f"{teacher.kind}:{teacher.arch})")
     state = read_state_dict(locate_weights(teacher.weights or ""))
-    stem = backbone.patch_embed.stem
-    wanted = stem.state_dict()
-    taken = {name: state.get(f"features.{name}") for name in wanted}
-    missing = sorted(name for name, value in taken.items() if value is None or value.shape != wanted[name].shape)
-    if missing:
-        raise CheckpointError(f"student {student!r}: the teacher's weights lack or reshape {len(missing)} stem "
-                              f"tensors (first: features.{missing[0]})")
-    stem.load_state_dict(taken)
-    stem.requires_grad_(trainable)
+    load_mobilenet_stem(backbone.patch_embed.stem, state, trainable=trainable,
+                        what=f"student {student!r}: the teacher's weights")
 
 
 def build_students(cfg: DistillConfig, teacher: FrozenTeacher) -> tuple[list[StudentSlot], dict[str, nn.Module]]:

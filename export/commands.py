@@ -29,11 +29,12 @@ def _add_graph_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     p.add_argument("--patch-tokens", action="store_true", help="also output the patch tokens")
-    p.add_argument("--calibration", type=Path, help="image folder for int8 calibration (required for int8)")
+    p.add_argument("--calibration", type=Path, help="image folder for int8 calibration (static int8 schemes)")
     p.add_argument("--calibration-limit", type=int, default=64, help="calibration images (default 64)")
-    p.add_argument("--int8-scheme", choices=["cpu", "tensorrt"], default="cpu",
-                   help="int8 activations: cpu = uint8 asymmetric (fast on ONNX Runtime CPU), "
-                        "tensorrt = int8 symmetric (TensorRT / trtexec)")
+    p.add_argument("--int8-scheme", choices=["cpu", "tensorrt", "dynamic"], default="cpu",
+                   help="int8 activations: cpu = static uint8 asymmetric (ONNX Runtime), tensorrt = static int8 "
+                        "symmetric (TensorRT / trtexec), dynamic = quantized per batch at run time, no "
+                        "calibration (fastest on ONNX Runtime's x86 CPU provider; not for TensorRT)")
 
 
 def _add_parity_flags(p: argparse.ArgumentParser) -> None:

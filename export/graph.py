@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinoforge.core.backbone import DinoVisionTransformer
+from dinoforge.core.backbone.cnn_stem import fold_frozen_batch_norms
 from dinoforge.core.preprocess import PreprocessConfig
 
 
@@ -123,6 +124,7 @@ class ExportableViT(nn.Module):
                 module.float()
         if self.stem is not None:
             self.stem.float()
+            fold_frozen_batch_norms(self.stem)  # a MobileNetV2 stem's norms into its convs (see the function)
         if dtype == torch.float32:
             make_fusable(self.blocks)
         self.embed_preprocessing = preprocess is not None

@@ -12,8 +12,12 @@ Choices and why:
 * calibration: MinMax by default (fast, and robust on the small calibration sets used here); percentile
   and entropy are available for models with activation outliers.
 
-The variants ``bench/bench_int8.py`` compares (the export default stays the QDQ ``cpu`` scheme until one of
-them measures faster on a quiet machine): ONNX Runtime's transformer fusions first (:func:`fuse_transformer`:
+``dynamic`` (:func:`quantize_dynamic_int8`, the export's ``--int8-scheme dynamic``): no calibration, activations
+quantized per batch at run time; the fastest on ONNX Runtime's x86 CPU provider for ViTs (ViT-S/14 2.31x fp32 where
+static QDQ gave 1.84x, docs/benchmarks.md), not readable by TensorRT. The export default stays the QDQ ``cpu``
+scheme, which TensorRT-style tools and ONNX Runtime's other providers read.
+
+The variants ``bench/bench_int8.py`` compares: ONNX Runtime's transformer fusions first (:func:`fuse_transformer`:
 one ``Attention`` node per block — the fp32 graph of :class:`~dinoforge.export.graph.ExportableViT` is written
 in the form the fusion matches —, ``SkipLayerNormalization``, ``BiasGelu``), the QOperator format instead of QDQ,
 per-tensor instead of per-channel weights, and dynamic quantization (activations quantized per batch at run
@@ -46,7 +50,8 @@ from dinoforge.export.errors import ExportError
 log = logging.getLogger(__name__)
 AttentionFusion = Literal["attention", "mha"]
 CalibMethod = Literal["minmax", "percentile", "entropy"]
-Int8Scheme = Literal["cpu", "tensorrt"]
+StaticScheme = Literal["cpu", "tensorrt"]
+Int8Scheme = Literal["cpu", "tensorrt", "dynamic"]
 QuantFormatName = Literal["qdq", "qoperator"]
 
 
@@ -134,7 +139,7 @@ def quantize_dynamic_int8(model: onnx.ModelProto, *, per_channel: bool = True,
         return onnx.load(str(dst))
 
 
-def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: Int8Scheme = "cpu",
+def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: StaticScheme = "cpu",
                   method: CalibMethod = "minmax", batch: int = 16, quant_format: QuantFormatName = "qdq",
                   per_channel: bool = True, convs: bool = False) -> onnx.ModelProto:
     """Quantize an fp32 graph to int8 (QDQ by default).

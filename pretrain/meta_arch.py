@@ -31,9 +31,11 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from dinoforge.core.backbone import BackboneConfig, DinoVisionTransformer
+from dinoforge.core.backbone.cnn_stem import load_mobilenet_stem
 from dinoforge.core.backbone.heads import DINOHead, HeadConfig
 from dinoforge.core.config import StrictModel
 from dinoforge.core.errors import DataError
+from dinoforge.core.pretrained_cnn import locate_weights, read_state_dict
 from dinoforge.pretrain.losses import (
     IBOT_LOSS_SCALE,
     LOSS_SCALES,
@@ -78,11 +80,17 @@ class MetaArchConfig(StrictModel):
     koleo_first_crop_only: bool = Field(False, description="Paper variant; official applies KoLeo to both crops.")
     student_temp: float = Field(0.1, gt=0)
     center_momentum: float = Field(0.9, ge=0, le=1)
+    stem_weights: str | None = Field(None, description="a torchvision MobileNetV2 state dict (path or "
+                                     "pkg:MODULE/file) whose first blocks start a hybrid backbone's stem "
+                                     "(backbone.mobilenet_stem_blocks); frozen unless stem_trainable")
+    stem_trainable: bool = False
 
     @model_validator(mode="after")
     def _check_losses(self) -> MetaArchConfig:
         if self.dino_loss_weight == 0 and self.ibot_loss_weight == 0:
             raise ValueError("dino_loss_weight and ibot_loss_weight are both 0: nothing to train")
+        if self.stem_weights and not self.backbone.mobilenet_stem_blocks:
+            raise ValueError("stem_weights needs a hybrid backbone (backbone.mobilenet_stem_blocks > 0)")
         return self
 
     @property
@@ -125,9 +133,14 @@ class StudentOutput:
     masked_patch_logits: torch.Tensor | None
 
 
-def build_student(config: MetaArchConfig) -> nn.ModuleDict:
-    """Randomly initialised ``{"backbone", "dino_head"[, "ibot_head"]}``."""
+def build_student(config: MetaArchConfig, *, load_stem: bool = True) -> nn.ModuleDict:
+    """Randomly initialised ``{"backbone", "dino_head"[, "ibot_head"]}`` (a hybrid backbone's stem loaded from
+    ``config.stem_weights`` when set and ``load_stem``)."""
     backbone = DinoVisionTransformer(config.backbone)
+    if config.stem_weights and load_stem and not backbone.pos_embed.is_meta:  # meta builds hold no data
+        state = read_state_dict(locate_weights(config.stem_weights))
+        load_mobilenet_stem(backbone.patch_embed.stem, state, trainable=config.stem_trainable,
+                            what=f"model.stem_weights {config.stem_weights}")
     modules: dict[str, nn.Module] = {"backbone": backbone,
                                      "dino_head": DINOHead(config.dino_head.head_config(backbone.embed_dim))}
     if config.ibot_separate_head:
@@ -138,7 +151,7 @@ def build_student(config: MetaArchConfig) -> nn.ModuleDict:
 def ema_teacher_from(student: nn.ModuleDict, config: MetaArchConfig) -> nn.ModuleDict:
     """An exact, frozen copy of ``student`` (the teacher backbone never uses stochastic depth)."""
     teacher_cfg = config.model_copy(update={"backbone": config.backbone.model_copy(update={"drop_path_rate": 0.0})})
-    teacher = build_student(teacher_cfg)
+    teacher = build_student(teacher_cfg, load_stem=False)  # the student's stem arrives with its state dict
     teacher.load_state_dict(student.state_dict())
     return teacher.requires_grad_(False)
 

@@ -221,6 +221,9 @@ def build_parallel_meta_arch(config: MetaArchConfig, parallel: ParallelConfig, *
     """The run's meta-architecture, parallelized: sharded meta-device init under FSDP2 (``parallel.meta_init``),
     else an ordinary build (DDP and single processes hold whole models anyway)."""
     if parallel.meta_init and resolve_strategy(parallel, world_size) == "fsdp":
+        if config.stem_weights:  # replaying the recorded init would overwrite the loaded stem
+            raise ConfigError("model.stem_weights cannot be combined with parallel.meta_init; set "
+                              "parallel.meta_init=false (a hybrid stem is small enough to build whole)")
         return build_sharded_meta_arch(config, parallel, world_size=world_size, device=device)
     meta = SSLMetaArch(config).to(device)
     return meta, parallelize(meta, parallel, world_size=world_size, device=device)

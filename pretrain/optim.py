@@ -92,6 +92,9 @@ def clip_grad_norms(modules: Mapping[str, nn.Module], max_norm: float | None) ->
 def ema_update(teacher: Mapping[str, nn.Module], student: Mapping[str, nn.Module], momentum: float) -> None:
     """``t <- momentum * t + (1 - momentum) * s`` for every sub-module of ``student``, in place.
 
+    Frozen student parameters (``requires_grad=False``, such as a hybrid's pretrained stem) are skipped: the
+    teacher's copy is already equal, and ``m * t + (1 - m) * t`` would drift from it by rounding.
+
     Works for plain, DDP-replicated and FSDP2-sharded pairs (teacher and student sharded the same way: the
     update is then purely local to each rank's shards).
 
@@ -102,10 +105,11 @@ def ema_update(teacher: Mapping[str, nn.Module], student: Mapping[str, nn.Module
         ValueError: a sub-module pair differs in parameter count or shapes.
     """
     for key, module in student.items():
-        t_params = [_local(p) for p in teacher[key].parameters()]
-        s_params = [_local(p) for p in module.parameters()]
-        if len(t_params) != len(s_params) or any(t.shape != s.shape for t, s in zip(t_params, s_params, strict=True)):
+        t_all, s_all = list(teacher[key].parameters()), list(module.parameters())
+        if len(t_all) != len(s_all) or any(t.shape != s.shape for t, s in zip(t_all, s_all, strict=True)):
             raise ValueError(f"EMA teacher and student {key!r} parameters do not match one to one")
+        pairs = [(_local(t), _local(s)) for t, s in zip(t_all, s_all, strict=True) if s.requires_grad]
+        t_params, s_params = [t for t, _ in pairs], [s for _, s in pairs]
         if t_params:
             torch._foreach_mul_(t_params, momentum)
             torch._foreach_add_(t_params, s_params, alpha=1 - momentum)

@@ -22,7 +22,7 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from dinoforge.core.backbone.config import MOBILENET_V2_CHANNELS, MOBILENET_V2_STRIDES
-
+from dinoforge.core.errors import CheckpointError
 
 
 def mobilenet_v2_stem(blocks: int) -> nn.Sequential:
@@ -68,3 +68,54 @@ class CnnStemPatchEmbed(PatchEmbed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x ``[B, 3, H, W]``. Returns ``[B, H // p, W // p, D]`` (NHWC, as configured by timm)."""
         return super().forward(self.stem(x))
+
+
+def load_mobilenet_stem(stem: nn.Module, state: dict[str, torch.Tensor], *, trainable: bool = False,
+                        what: str = "the weights") -> None:
+    """Copy a torchvision MobileNetV2 state dict's first blocks into ``stem`` (``features.i.*`` -> ``i.*``).
+
+    Frozen by default: the stem is then a fixed ImageNet tokenizer and training spends its steps on the
+    transformer (and skips the stem's backward pass).
+
+    Raises:
+        CheckpointError: ``state`` lacks a tensor of the stem or has it in another shape.
+    """
+    wanted = stem.state_dict()
+    taken = {name: state.get(f"features.{name}") for name in wanted}
+    missing = sorted(name for name, value in taken.items()
+                     if value is None or tuple(value.shape) != tuple(wanted[name].shape))
+    if missing:
+        raise CheckpointError(f"{what} lack or reshape {len(missing)} MobileNetV2 stem tensors "
+                              f"(first: features.{missing[0]})")
+    stem.load_state_dict(taken)
+    stem.requires_grad_(trainable)
+
+
+@torch.no_grad()
+def fold_frozen_batch_norms(module: nn.Module) -> int:
+    """Fold every ``FrozenBatchNorm2d`` that directly follows a ``Conv2d`` in a ``Sequential`` into that
+    convolution (weight scaled per output channel, bias shifted) and replace it by ``Identity``, in place.
+
+    For inference graphs (ONNX export): a convolution then chains straight into its activation and the next
+    convolution, which is the pattern int8 quantizers turn into one quantized convolution each; an unfolded
+    norm leaves a float Mul/Add between them that forces a dequantize and a requantize.
+
+    Returns:
+        How many norms were folded.
+    """
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    folded = 0
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            conv, norm = seq._modules[first], seq._modules[second]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(norm, FrozenBatchNorm2d)):
+                continue
+            scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # [C_out]
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.bias)
+            conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - norm.running_mean) * scale + norm.bias, requires_grad=False)
+            seq._modules[second] = nn.Identity()
+            folded += 1
+    return folded

@@ -240,6 +240,29 @@ def test_mobilenet_stem_makes_a_hybrid_vit_on_the_same_token_grid() -> None:
     torch.testing.assert_close(model.patch_embed(x)[:1], model.patch_embed(x[:1]))
 
 
+def test_folding_the_stems_frozen_norms_keeps_its_output() -> None:
+    """Every FrozenBatchNorm2d of a MobileNetV2 stem folds into the convolution before it (export graphs)."""
+    import copy
+
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from dinoforge.core.backbone.cnn_stem import fold_frozen_batch_norms
+
+    torch.manual_seed(0)
+    stem = build_backbone("test", patch_size=16, img_size=64, mobilenet_stem_blocks=7).patch_embed.stem
+    norms = [m for m in stem.modules() if isinstance(m, FrozenBatchNorm2d)]
+    with torch.no_grad():  # non-trivial statistics, as a trained network has
+        for norm in norms:
+            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    folded = copy.deepcopy(stem)
+    assert fold_frozen_batch_norms(folded) == len(norms) > 0
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), stem(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("fields", [{"mobilenet_stem_blocks": 15},  # stride 32 does not divide patch 16
                                     {"mobilenet_stem_blocks": 7, "stem_channels": (8,)},
                                     {"mobilenet_stem_blocks": 7, "in_chans": 1}])

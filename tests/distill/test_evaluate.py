@@ -69,3 +69,29 @@ def test_students_and_onnx_exports_are_scored_by_their_cards_pooling(tmp_path: P
     b = onnx_model.extractor(pixels)["cls+mean"]
     assert a.shape == (3, 128)
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_other_artifacts_join_the_table_under_each_pooling(tmp_path: Path, fmnist_dir: Path) -> None:
+    """--artifact puts e.g. a pretraining run's artifact beside the run's students, once per requested pooling."""
+    import torch
+
+    from dinoforge.core.artifact import Provenance, save_artifact
+    from dinoforge.core.backbone import build_backbone
+    from dinoforge.core.config import config_to_yaml
+    from dinoforge.core.preprocess import PreprocessConfig
+    from dinoforge.distill.config import load_distill_config
+    from dinoforge.distill.evaluate import run_models
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(config_to_yaml(load_distill_config("tiny", [f"run_dir={run}"])))
+    torch.manual_seed(0)
+    pre = PreprocessConfig(mode="resize", size=28, resize_size=None, patch_size=14)
+    art = save_artifact(tmp_path / "ssl", build_backbone("test", img_size=28), name="ssl", preprocessing=pre,
+                        provenance=Provenance(source="random-init"))
+    models = run_models(run, teacher=False, pixels=True, onnx=[], artifacts=[art],
+                        artifact_poolings=["cls", "cls+mean"])
+    assert list(models) == [f"{art} (cls)", f"{art} (cls+mean)", "raw pixels"]
+    table = evaluate_models(models, protocols=["fmnist"], fmnist=SMALL)
+    assert all(row["fmnist"]["n_test"] == 50 for row in table.values())
+    assert list(run_models(run, teacher=False, pixels=False, onnx=[], artifacts=[art])) == [f"{art} (cls)"]

@@ -84,3 +84,23 @@ def test_two_resolutions_are_refused(tiny_artifact: Path, tmp_path: Path, capsys
                        *COMMON])
     assert status != 0 and "one graph" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_dynamic_int8_needs_no_calibration_and_says_it_is_not_for_tensorrt(tiny_artifact: Path,
+                                                                            tmp_path: Path) -> None:
+    """--int8-scheme dynamic: weight matmuls int8, activations quantized at run time, parity-gated like the rest."""
+    import onnx
+
+    out = tmp_path / "dyn"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["export", "edge", str(tiny_artifact), "--out", str(out), "--precision", "int8",
+                         "--int8-scheme", "dynamic", *COMMON]) == 0
+    ops = {n.op_type for n in onnx.load(str(out / "model_56.onnx")).graph.node}
+    assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}, sorted(ops)
+    edge = json.loads((out / "edge.json").read_text())
+    assert edge["precision"] == "int8" and edge["tensorrt_lint"]["errors"] > 0
+    assert "--int8-scheme tensorrt" in (out / "README.md").read_text()
+    assert json.loads((out / "parity.json").read_text())["passed"] is True
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8)
+    cls = _session(out).run(["cls_embedding"], {"pixels": pixels})[0]
+    assert cls.shape == (3, read_card(out).embed_dim) and np.isfinite(cls).all()

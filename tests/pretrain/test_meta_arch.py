@@ -231,3 +231,45 @@ def test_a_malformed_batch_is_a_clear_error() -> None:
         model.forward_backward([{k: v for k, v in batch.items() if k != "mask_indices"}], teacher_temp=0.04)
     with pytest.raises(DataError, match="not a multiple"):
         model.forward_backward([{**batch, "local_crops": batch["local_crops"][:3]}], teacher_temp=0.04)
+
+
+def test_a_hybrid_stem_starts_from_mobilenet_weights_and_the_ema_leaves_it_exact(tmp_path) -> None:
+    """model.stem_weights loads MobileNetV2's features[:N] into student and teacher, frozen; training and the
+    EMA update leave it bit-equal (m * t + (1 - m) * t would drift by rounding)."""
+    import torchvision
+
+    reference = torchvision.models.mobilenet_v2()
+    torch.save(reference.state_dict(), tmp_path / "mnv2.pth")
+    backbone = BackboneConfig(embed_dim=32, depth=1, num_heads=2, patch_size=16, img_size=32, layerscale_init=0.1,
+                              mobilenet_stem_blocks=4)
+    head = HeadShape(out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    config = MetaArchConfig(backbone=backbone, dino_head=head, stem_weights=str(tmp_path / "mnv2.pth"))
+    model = SSLMetaArch(config).train()
+    expected = reference.features[:4].state_dict()
+    for tree in (model.student, model.teacher):
+        stem = tree["backbone"].patch_embed.stem
+        for name, value in stem.state_dict().items():
+            assert torch.equal(value, expected[name]), name
+        assert not any(p.requires_grad for p in stem.parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = collate_masks(4, MaskingGenerator(2, max_num_patches=2.0), rng=random.Random(0))
+    batch = {"global_crops": torch.randn(4, 3, 32, 32, generator=g), "local_crops": torch.randn(4, 3, 16, 16,
+             generator=g), **masks}
+    optimizer = build_optimizer(model.student, OptimConfig())
+    for group in optimizer.param_groups:  # placeholders until the schedule sets them
+        group["lr"] = 0.1
+    model.forward_backward([batch], teacher_temp=0.04)
+    optimizer.step()
+    teacher_before = copy.deepcopy(model.teacher.state_dict())
+    ema_update(model.teacher, model.student, 0.9)
+    after = model.teacher.state_dict()
+    stem_keys = [k for k in after if ".stem." in k]
+    assert stem_keys and all(torch.equal(after[k], expected[k.split(".stem.")[1]]) for k in stem_keys)
+    assert not torch.equal(after["backbone.blocks.0.mlp.fc1.weight"], teacher_before["backbone.blocks.0.mlp.fc1.weight"])
+    with pytest.raises(ConfigError, match="stem_weights needs a hybrid"):
+        build_config(MetaArchConfig, {**_config().model_dump(), "stem_weights": str(tmp_path / "mnv2.pth")})
+    from dinoforge.core.errors import CheckpointError
+
+    torch.save({"features.0.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="stem_weights .*bad.pth lack or reshape"):
+        build_student(config.model_copy(update={"stem_weights": str(tmp_path / "bad.pth")}))

@@ -51,7 +51,7 @@ def test_all_recipes_are_bundled() -> None:
     assert set(bundled_recipes()) >= {"tiny", "fmnist", "vits14", "vitb14", "vitl14", "vitg14"}
 
 
-@pytest.mark.parametrize("name", ["tiny", "fmnist", "vits14", "vitb14", "vitl14", "vitg14"])
+@pytest.mark.parametrize("name", ["tiny", "fmnist", "mnv2_photos_ssl", "vits14", "vitb14", "vitl14", "vitg14"])
 def test_recipe_loads_and_has_a_header(name: str) -> None:
     path = resolve_recipe(name)
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
