@@ -102,7 +102,8 @@ class BalanceConfig(StrictModel):
 class ManifestConfig(StrictModel):
     """The curated manifest and the report."""
 
-    format: Literal["csv", "parquet"] = "csv"
+    format: Literal["csv", "parquet", "arrow"] = Field("csv", description="arrow: memory-mapped by pretraining "
+                                                      "at scale (core/data/arrow_manifest.py)")
     plots: bool = True
     grid_seeds: int = Field(6, ge=0, description="seeds shown in the retrieval grid plot")
 

@@ -19,11 +19,14 @@ An image retrieved several times keeps its highest-similarity sample-based hit, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dinoforge.core.data.arrow_manifest import convert_manifest
 from dinoforge.core.extract import FeatureStore
 from dinoforge.core.fileio import atomic_open
 
@@ -66,7 +69,20 @@ def build_manifest(pool: FeatureStore, selected: pd.DataFrame, balance_cluster: 
 
 
 def write_manifest(manifest: pd.DataFrame, path: str, fmt: str) -> None:
-    """Write the manifest atomically as CSV or parquet."""
+    """Write the manifest atomically as CSV, parquet or an uncompressed Arrow IPC file.
+
+    Arrow is the format a pretraining run at scale reads memory-mapped (:mod:`dinoforge.core.data.arrow_manifest`):
+    it goes through a parquet file beside it and the data layer's converter, which checks the labels and records
+    them in the file once.
+    """
+    if fmt == "arrow":
+        staging = Path(path).with_name(Path(path).name + ".staging.parquet")
+        try:
+            write_manifest(manifest, str(staging), "parquet")
+            convert_manifest(staging, path)
+        finally:
+            staging.unlink(missing_ok=True)
+        return
     with atomic_open(path, "wb") as handle:
         if fmt == "csv":
             handle.write(manifest.to_csv(index=False).encode("utf-8"))
