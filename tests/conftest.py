@@ -116,3 +116,14 @@ def tiny_reg_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pre = PreprocessConfig(mode="center_crop", size=56, resize_size=64, patch_size=14)
     return save_artifact(out, model, name="tiny-test-reg4", provenance=Provenance(source="random-init"),
                          preprocessing=pre)
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """(folder, base URL) of a local HTTP server over a fresh folder."""
+    root = tmp_path / "www"
+    root.mkdir()
+    from tests.helpers import serve_folder
+
+    with serve_folder(root) as url:
+        yield root, url

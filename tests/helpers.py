@@ -9,7 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -76,3 +80,21 @@ def checkpoint_exists(run_dir: Path, step: int) -> Callable[[], bool]:
     from dinoforge.pretrain.checkpointing import checkpoint_path
 
     return lambda: checkpoint_path(run_dir / "checkpoints", step).exists()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def serve_folder(root: Path) -> Iterator[str]:
+    """Base URL of a plain HTTP server on the loopback serving ``root`` (it answers no range requests)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

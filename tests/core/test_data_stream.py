@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import tarfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -19,33 +14,6 @@ from dinoforge.core.errors import DataError
 from tests.core.test_data_webdataset import write_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextmanager
-def serve_folder(root: Path) -> Iterator[str]:
-    """Base URL of a plain HTTP server on the loopback serving ``root`` (it answers no range requests)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture
-def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    """(folder, base URL) of a local HTTP server over a fresh folder."""
-    root = tmp_path / "www"
-    root.mkdir()
-    with serve_folder(root) as url:
-        yield root, url
 
 
 def _decoded(source: WebDatasetSource) -> list[tuple[str, int | None, bytes]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,21 +11,11 @@ from dinoforge.core.errors import DataError
 from dinoforge.pretrain.checkpointing import checkpoint_path, list_checkpoints, load_checkpoint
 from dinoforge.pretrain.data import BatchLayout, batch_loader
 from dinoforge.pretrain.sources import PretrainStream, open_pretrain_source
-from tests.core.test_data_stream import serve_folder
 from tests.core.test_data_webdataset import write_shards
 from tests.helpers import run_cli
 from tests.pretrain.test_data import _batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    """(folder, base URL) of a local HTTP server over a fresh folder."""
-    root = tmp_path / "www"
-    root.mkdir()
-    with serve_folder(root) as url:
-        yield root, url
 
 
 def _same(a: dict, b: dict) -> None:
