@@ -64,7 +64,8 @@ def plan_units(source: DataSource, shard_size: int) -> list[Unit]:
         names = [p.name for p in source.shards]
         if len(set(names)) != len(names):
             raise DataError("WebDataset shards must have distinct file names (sample ids start with them)")
-        return [Unit(i, tar=str(p)) for i, p in enumerate(source.shards)]
+        # the shard's URL as given (a remote one keeps its scheme; str() of its PurePath would fold "//")
+        return [Unit(i, tar=url) for i, url in enumerate(source.urls)]
     raise DataError(f"{source.spec}: extraction reads indexed sources (folders, manifests, fmnist) or "
                     "WebDataset tar shards; slices of a stream cannot be resumed — select a subset of the "
                     "shards instead")

@@ -149,6 +149,22 @@ def test_webdataset_units_with_two_workers(tiny_artifact: Path, sample_images_di
     assert [a.shape[0] for a in store.part_arrays("cls")] == [2, 2, 1, 2, 2]  # parts of shard_size rows
 
 
+def test_webdataset_shards_over_http_give_the_local_features(tiny_artifact: Path, sample_images_dir: Path,
+                                                            tmp_path: Path, http_root: tuple[Path, str]) -> None:
+    """Remote shards (fsspec over a plain HTTP server) extract to the same rows as the same tars on disk."""
+    root, url = http_root
+    keys = write_tars(sample_images_dir, root / "wds")
+    stores = {}
+    for name, base in (("local", f"{root}/wds"), ("http", f"{url}/wds")):
+        cfg = ExtractConfig(model=str(tiny_artifact), input=f"wds:{base}/shard-{{00..01}}.tar",
+                            output=str(tmp_path / name), shard_size=3, num_workers=1, batch_size=2, progress=False)
+        assert run_extraction(cfg).complete
+        stores[name] = FeatureStore(tmp_path / name)
+    assert stores["http"].table()["id"].to_pylist() == stores["local"].table()["id"].to_pylist() == keys
+    np.testing.assert_array_equal(stores["http"].load("cls"), stores["local"].load("cls"))
+    assert stores["http"].bad()["id"].to_pylist() == ["shard-01.tar/junk"]
+
+
 def test_npy_appender_writes_standard_npy(tmp_path: Path) -> None:
     path = tmp_path / "x.npy"
     rng = np.random.default_rng(0)
