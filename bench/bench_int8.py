@@ -74,6 +74,10 @@ def variants(fp32: onnx.ModelProto, calib: np.ndarray, art: Artifact) -> tuple[d
         "mha+dynamic": lambda: quantize_dynamic_int8(mha),
     }
     if sum(n.op_type == "Conv" for n in fp32.graph.node) > 1:  # a stem besides the patch projection
+        # The stem's frozen norms are folded into its convolutions by the export, so each conv chains into its
+        # Clip (ReLU6) and the next conv: the pattern that static int8 turns into QLinearConv end to end.
+        builders["qdq+convs"] = lambda: quantize_int8(fp32, calib, convs=True)
+        builders["qoperator+convs"] = lambda: quantize_int8(fp32, calib, quant_format="qoperator", convs=True)
         builders["mha+qoperator+convs"] = lambda: quantize_int8(mha, calib, quant_format="qoperator", convs=True)
     out = {}
     for name, build in builders.items():
