@@ -14,8 +14,9 @@ Choices and why:
 
 ``dynamic`` (:func:`quantize_dynamic_int8`, the export's ``--int8-scheme dynamic``): no calibration, activations
 quantized per batch at run time; the fastest on ONNX Runtime's x86 CPU provider for ViTs (ViT-S/14 2.31x fp32 where
-static QDQ gave 1.84x, docs/benchmarks.md), not readable by TensorRT. The export default stays the QDQ ``cpu``
-scheme, which TensorRT-style tools and ONNX Runtime's other providers read.
+static QDQ gave 1.84x, docs/benchmarks.md), not readable by TensorRT. The export default stays the static QDQ
+``cpu`` scheme: calibrated, plain ONNX Q/DQ nodes that every ONNX Runtime provider runs, and the same graph
+as the TensorRT form (``tensorrt``) up to its activation zero points.
 
 The variants ``bench/bench_int8.py`` compares: ONNX Runtime's transformer fusions first (:func:`fuse_transformer`:
 one ``Attention`` node per block — the fp32 graph of :class:`~dinoforge.export.graph.ExportableViT` is written
