@@ -13,6 +13,10 @@ Usage (one measurement at a time: a ViT-g/14 build needs ~10 GB in the single pr
     python bench/bench_shard_memory.py --case build --recipe vitg14 --nproc 4
     python bench/bench_shard_memory.py --case step --recipe vitl14 --nproc 4
     python bench/bench_shard_memory.py --case step --recipe tiny --nproc 2     # seconds: checks the script
+    python bench/bench_shard_memory.py --case step --recipe vitl14 --nproc 4 --set train.host_mmap_threshold_mib=null
+
+``--set`` overrides the recipe on both sides; both apply the recipe's ``train.host_mmap_threshold_mib`` as the
+trainer does (``core/hostmem.py``), so the last line measures glibc's default allocator behaviour instead.
 
 Prints ``{"case", "recipe", "nproc", "single_mb", "ranks_mb": [...], "max_ratio"}``; ``max_ratio`` is the
 largest rank's peak over the single process's peak. Nothing is timed.
@@ -69,18 +73,20 @@ def _step(meta: object, par: object, cfg: object) -> None:
                teacher=par.raw_teacher, device=torch.device("cpu"))
 
 
-def worker(case: str, recipe: str) -> None:
+def worker(case: str, recipe: str, overrides: list[str]) -> None:
     """Build (and step) once in this process; print this process's peak RSS (rank 0 prints every rank's)."""
     import torch
     import torch.distributed as dist
 
+    from dinoforge.core.hostmem import set_mmap_threshold
     from dinoforge.core.runtime import init_runtime, seed_everything
     from dinoforge.pretrain.config import load_pretrain_config
     from dinoforge.pretrain.meta_init import build_parallel_meta_arch
 
     runtime = init_runtime("cpu", threads=1)
     single = ["parallel.strategy=none"] if runtime.world_size == 1 else ["parallel.strategy=fsdp"]
-    cfg = load_pretrain_config(recipe, ["run_dir=unused", *single])
+    cfg = load_pretrain_config(recipe, ["run_dir=unused", *single, *overrides])
+    set_mmap_threshold(cfg.train.host_mmap_threshold_mib)  # as the trainer does, on both sides
     seed_everything(cfg.seed)
     meta, par = build_parallel_meta_arch(cfg.model, cfg.parallel, world_size=runtime.world_size,
                                          device=torch.device("cpu"))
@@ -111,12 +117,15 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--only", choices=("single", "sharded"), help="measure one side (e.g. when memory is short "
                         "for a ViT-g measurement after another job); prints its peaks only")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override on both sides, e.g. train.host_mmap_threshold_mib=null")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.case, args.recipe)
+        worker(args.case, args.recipe, args.set)
         return
-    me = [str(Path(__file__).resolve()), "--worker", "--case", args.case, "--recipe", args.recipe]
+    me = [str(Path(__file__).resolve()), "--worker", "--case", args.case, "--recipe", args.recipe,
+          *(f"--set={kv}" for kv in args.set)]
     runs = {"single": [sys.executable, *me],
             "sharded": [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                         *me]}

@@ -54,6 +54,9 @@ class TrainConfig(StrictModel):
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: torch's choice)")
     max_steps: int | None = Field(None, gt=0, description="stop early (schedules still span all epochs)")
     max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) after this wall time")
+    host_mmap_threshold_mib: float | None = Field(
+        None, gt=0, le=32, description="glibc: host buffers of at least this size are returned to the OS when "
+        "freed (sharded steps free many; the dynamic default keeps them; core/hostmem.py). null: glibc's default")
 
 
 class CheckpointConfig(StrictModel):

@@ -28,6 +28,7 @@ import yaml
 
 from dinoforge.core.config import config_to_yaml, save_config
 from dinoforge.core.errors import CheckpointError
+from dinoforge.core.hostmem import set_mmap_threshold
 from dinoforge.core.runtime import Runtime, init_runtime, require_shared_dir, shutdown_runtime
 from dinoforge.pretrain.checkpointing import load_latest
 from dinoforge.pretrain.data import batch_loader
@@ -66,6 +67,7 @@ class Trainer:
         self.spec = spec
         self.cfg = cfg = spec.cfg
         self.rt = runtime or init_runtime(cfg.train.device, threads=cfg.train.threads)
+        set_mmap_threshold(cfg.train.host_mmap_threshold_mib)  # before the model: its buffers follow the rule
         if not self.rt.is_main:  # one voice: other ranks only report errors
             logging.getLogger("dinoforge").setLevel(logging.ERROR)
         self.run_dir = Path(cfg.run_dir)
