@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_shard_memory.py"
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_step_case_reports_every_rank_with_a_recipe_override() -> None:
     done = subprocess.run([sys.executable, str(BENCH), "--case", "step", "--recipe", "tiny", "--nproc", "2",
                            "--set", "train.host_mmap_threshold_mib=4"], capture_output=True, text=True,
