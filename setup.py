@@ -19,8 +19,9 @@ for stage in STAGES:
 setup(
     packages=packages,
     package_dir=package_dir,
-    # *.html/*.css/*.js: the search page served by `dinoforge serve` (serve/static/)
-    package_data={stage_pkg: ["**/*.yaml", "**/*.json", "**/*.pbtxt", "**/*.html", "**/*.css", "**/*.js", "py.typed"]
-                  for stage_pkg in packages},
+    # *.html/*.css/*.js: the search page served by `dinoforge serve` (serve/static/); *.npz: the copy
+    # descriptor's trained head (curate/weights/copy_mnv2.npz)
+    package_data={stage_pkg: ["**/*.yaml", "**/*.json", "**/*.npz", "**/*.pbtxt", "**/*.html", "**/*.css", "**/*.js",
+                              "py.typed"] for stage_pkg in packages},
     include_package_data=True,
 )

@@ -1,21 +1,23 @@
 """Copy detection on real photos: dinoforge's copy descriptor against the hashes and CNN dedup tools.
 
-References = originals (the ``bench`` side of the photo pool, :mod:`dinoforge.curate.photopool`) plus extra
-references that have no query. Queries = copies of the originals made with the edit families of
+References = originals (the ``bench`` side of the photo pool, :mod:`dinoforge.curate.photopool`, at most one
+image per twin group) plus extra references that have no query. Queries = copies of the originals made with the edit families of
 :mod:`dinoforge.curate.edits` (assigned round-robin, so every family gets the same share), plus distractor
 queries: edited versions of held-out photos that are not references (some of them the other strip of a
 reference wallpaper, the hardest distractors). Every method scores every (query, reference) pair on the same
 images; :mod:`dinoforge.curate.copyeval` turns the scores into muAP and recall at precision 0.90, overall
 and per family. Methods:
 
-* ``dinoforge``: the copy descriptor (cosine similarity);
+* ``dinoforge``: the copy descriptor (cosine similarity); left out, with a message, when there is no head;
 * ``gem-raw``: the same frozen MobileNetV2 GeM features without the learned projection (ablation);
 * ``phash`` / ``dhash``: imagehash 64-bit hashes; ``pdq``: Meta's PDQ 256-bit hash (score = -Hamming);
 * ``imagededup-cnn``: imagededup's CNN mode with a ``CustomModel`` wrapping the local MobileNetV2 (global
   average pool, imagededup's own 256 -> 224 centre-crop transform; cosine similarity).
 
 Then the dedup check: the pool of references, the copy queries and the distractors goes through the curation
-dedup step with the descriptor's calibrated threshold, scored against the injected groups.
+dedup step with the descriptor's calibrated threshold, scored against the injected groups; and the same step
+along a list of thresholds (``--curve``) for the descriptor and for gem-raw: operating curves measured on the
+benchmark itself, which show what a threshold calibrated elsewhere leaves on the table.
 
     nice -n 19 python bench/bench_copydetect.py --photos runs/photos --out runs/bench_copydetect
 """
@@ -39,7 +41,7 @@ from dinoforge.core.runtime import init_runtime
 from dinoforge.curate import edits
 from dinoforge.curate.copydetect import score_dedup
 from dinoforge.curate.copyeval import evaluate
-from dinoforge.curate.copynet import CopyDescriptor, load_mobilenet
+from dinoforge.curate.copynet import DEFAULT_HEAD, CopyDescriptor, RawFeatures, load_mobilenet
 from dinoforge.curate.dedup_tool import group_vectors
 from dinoforge.curate.photopool import photo_pool
 from dinoforge.curate.state import RunState, fingerprint
@@ -51,11 +53,15 @@ def build_sets(args: argparse.Namespace) -> dict[str, Any]:
     """References, queries, ground truth and families (deterministic for ``args.seed``)."""
     pool = [p for p in photo_pool(args.photos) if p.split == "bench"]
     rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(pool))
+    chosen, groups = [], set()
+    for i in rng.permutation(len(pool)):  # one image per twin group: a twin is neither a copy nor a distractor
+        if pool[i].group not in groups:
+            chosen.append(pool[i])
+            groups.add(pool[i].group)
     need = args.originals + args.extra_refs + args.distractors
-    if need > len(pool):
-        raise SystemExit(f"the bench side holds {len(pool)} photos, {need} asked for")
-    chosen = [pool[i] for i in order[:need]]
+    if need > len(chosen):
+        raise SystemExit(f"the bench side holds {len(chosen)} distinct photos, {need} asked for")
+    chosen = chosen[:need]
     refs = chosen[:args.originals + args.extra_refs]
     sources = chosen[args.originals + args.extra_refs:]
     names = list(edits.FAMILIES)
@@ -121,13 +127,17 @@ def imagededup_cnn(folder: Path) -> Scorer:
     return cosine_pair(lambda q: embed(q, "queries"), lambda r: embed(r, "refs"))
 
 
-def methods(args: argparse.Namespace, desc: CopyDescriptor, raw: tuple[np.ndarray, np.ndarray],
+def methods(args: argparse.Namespace, desc: CopyDescriptor | None, raw: tuple[np.ndarray, np.ndarray],
             out: Path) -> dict[str, Scorer]:
     """Every method that can run here; a missing baseline package is reported, not fatal. ``raw`` holds the
     frozen backbone's features of the queries and references (computed once for the descriptor and its
-    ablation)."""
-    scorers: dict[str, Scorer] = {"dinoforge": lambda q, r: desc.project(raw[0]) @ desc.project(raw[1]).T,
-                                  "gem-raw": cosine_pair(lambda q: raw[0], lambda r: raw[1])}
+    ablation). Without a trained head there is no ``dinoforge`` column (said on stderr)."""
+    scorers: dict[str, Scorer] = {"gem-raw": cosine_pair(lambda q: raw[0], lambda r: raw[1])}
+    if desc is not None:
+        scorers["dinoforge"] = lambda q, r: desc.project(raw[0]) @ desc.project(raw[1]).T
+    else:
+        print(f"no copy head ({args.head or DEFAULT_HEAD}): the dinoforge column is left out; gem-raw and the "
+              "baselines run", file=sys.stderr)
     try:
         import imagehash
 
@@ -148,9 +158,10 @@ def methods(args: argparse.Namespace, desc: CopyDescriptor, raw: tuple[np.ndarra
     return {k: v for k, v in scorers.items() if not args.methods or k in args.methods}
 
 
-def dedup_check(sets: dict[str, Any], desc: CopyDescriptor, vectors: tuple[np.ndarray, np.ndarray],
+def dedup_check(sets: dict[str, Any], threshold: float, vectors: tuple[np.ndarray, np.ndarray],
                 out: Path) -> dict[str, Any]:
-    """The curation dedup step on references + queries, scored against the injected groups."""
+    """The curation dedup step on references + queries (unit ``vectors``: references, queries) at
+    ``threshold``, scored against the injected groups; its run lives under ``out``."""
     refs_v, queries_v = vectors
     n_ref = len(sets["ref_ids"])
     ids = list(sets["ref_ids"]) + [f"query-{i:05d}" for i in range(len(queries_v))]
@@ -158,14 +169,15 @@ def dedup_check(sets: dict[str, Any], desc: CopyDescriptor, vectors: tuple[np.nd
     originals = set(truth[truth >= 0].tolist())
     group = [i if i in originals else -1 for i in range(n_ref)] + truth.tolist()
     role = ["original"] * n_ref + ["copy" if t >= 0 else "distractor" for t in truth]
+    out.mkdir(parents=True, exist_ok=True)
     truth_path = out / "dedup_truth.parquet"
     pq.write_table(pa.table({"id": ids, "group": group, "role": role}), truth_path)
-    state = RunState(out / "dedup_run", init_runtime("cpu"))
+    state = RunState(out, init_runtime("cpu"))
     started = time.perf_counter()
-    group_vectors(state, np.concatenate([refs_v, queries_v]), ids, desc.threshold, 16, f"bench-{time.time()}")
+    group_vectors(state, np.concatenate([refs_v, queries_v]), ids, threshold, 16, f"bench-{time.time()}")
     removed = pq.read_table(state.path("dedup", "removed.parquet")).column("id").to_pylist()
     scores = score_dedup(removed, truth_path)
-    return {**scores, "threshold": desc.threshold, "pool": len(ids), "injected_copies": int((truth >= 0).sum()),
+    return {**scores, "threshold": threshold, "pool": len(ids), "injected_copies": int((truth >= 0).sum()),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -202,21 +214,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", default="runs/photos", help="output folder of dinoforge photos")
     parser.add_argument("--out", default="runs/bench_copydetect")
     parser.add_argument("--originals", type=int, default=250)
-    parser.add_argument("--extra-refs", type=int, default=70)
-    parser.add_argument("--distractors", type=int, default=100)
+    parser.add_argument("--extra-refs", type=int, default=50)
+    parser.add_argument("--distractors", type=int, default=80)
     parser.add_argument("--queries-per-original", type=int, default=4)
-    parser.add_argument("--head", help="descriptor head file (default: the shipped one)")
+    parser.add_argument("--head", help="descriptor head file (default: the shipped one, when there is one)")
+    parser.add_argument("--size", type=int, default=160, help="backbone input side without a head")
+    parser.add_argument("--curve", type=float, nargs="*", default=[0.35, 0.40, 0.45, 0.50, 0.60, 0.70, 0.80, 0.85, 0.90],
+                        help="cosine thresholds of the dedup curves of gem-raw and the descriptor (operating "
+                        "curves on the benchmark itself, not a calibration)")
     parser.add_argument("--methods", nargs="*", help="run only these methods")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sets = build_sets(args)
-    desc = CopyDescriptor(args.head)
+    desc = CopyDescriptor(args.head) if args.head or DEFAULT_HEAD.is_file() else None
+    backbone = desc.raw if desc is not None else RawFeatures(args.size)
     cache = out / "cache" / fingerprint(args.photos, args.originals, args.extra_refs, args.distractors,
-                                        args.queries_per_original, args.seed, desc.raw.size)
-    both, backbone_seconds = cached(cache / "raw", lambda: np.concatenate([desc.raw(sets["queries"]),
-                                                                          desc.raw(sets["refs"])]))
+                                        args.queries_per_original, args.seed, backbone.size)
+    both, backbone_seconds = cached(cache / "raw", lambda: np.concatenate([backbone(sets["queries"]),
+                                                                          backbone(sets["refs"])]))
     raw = (both[:len(sets["queries"])], both[len(sets["queries"]):])
     results: dict[str, Any] = {}
     for name, scorer in methods(args, desc, raw, out).items():
@@ -228,10 +245,20 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {"seconds": seconds, "metrics": evaluate(scores, sets["truth"], sets["families"])}
         print(f"{name}: muAP {results[name]['metrics']['overall']['muap']:.3f}", flush=True)
     summary = {"queries": len(sets["queries"]), "references": len(sets["refs"]), "emoji": edits.emoji_source(),
-               "results": results, "head": desc.meta}
-    if "dinoforge" in results:
-        summary["dedup"] = dedup_check(sets, desc, (desc.project(raw[1]), desc.project(raw[0])), out)
+               "results": results, "head": desc.meta if desc is not None else None}
+    if desc is not None and "dinoforge" in results:
+        summary["dedup"] = dedup_check(sets, desc.threshold, (desc.project(raw[1]), desc.project(raw[0])),
+                                       out / "dedup_run")
         print("dedup:", json.dumps(summary["dedup"]))
+    curves = {"gem-raw": [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in (raw[1], raw[0])]}
+    if desc is not None:
+        curves["dinoforge"] = [desc.project(raw[1]), desc.project(raw[0])]
+    summary["dedup_curves"] = {name: [dedup_check(sets, t, (v[0], v[1]), out / f"dedup_{name}_{t:.2f}")
+                                      for t in args.curve] for name, v in curves.items()}
+    for name, curve in summary["dedup_curves"].items():
+        for point in curve:
+            print(f"dedup {name} at {point['threshold']:.2f}: recall {point['recall']:.3f} "
+                  f"precision {point['precision']:.3f}", flush=True)
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "table.md").write_text(table(results))
     print(table(results))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dinoforge.core.errors import ConfigError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the copy-detection subcommands to the ``dinoforge`` parser."""
@@ -32,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, help="train on this many photos (evenly spaced) instead of all")
     p.add_argument("--steps", type=int, default=1500, help="head training steps")
     p.add_argument("--cache", help="npz cache of the view features (reused by a rerun)")
+    p.add_argument("--min-precision", type=float, default=0.95,
+                   help="precision of the simulated dedup that sets the threshold (default 0.95)")
     p.set_defaults(func=_copy_head)
 
 
@@ -49,9 +53,11 @@ def _dedup(args: argparse.Namespace) -> int:
 def _copy_head(args: argparse.Namespace) -> int:
     from dinoforge.curate.copyhead import train_head
 
+    if not 0.0 < args.min_precision <= 1.0:
+        raise ConfigError(f"--min-precision must be in (0, 1], got {args.min_precision}")
     record = train_head(args.photos, args.out, views=args.views, steps=args.steps, cache=args.cache,
-                        max_images=args.max_images)
-    print(f"wrote {args.out}: threshold {record['threshold']:.3f}, copy recall {record['copy_recall_at_threshold']:.3f} "
-          f"at impostor rate {record['impostor_rate_at_threshold']:.3f} on {record['calibration_images']} held-out "
-          "photos")
+                        max_images=args.max_images, min_precision=args.min_precision)
+    print(f"wrote {args.out}: threshold {record['threshold']:.3f}: a simulated dedup of "
+          f"{record['calibration_images']} held-out photos with {record['calibration_copies']} copies finds "
+          f"{record['copy_recall_at_threshold']:.3f} of them at precision {record['precision_at_threshold']:.3f}")
     return 0

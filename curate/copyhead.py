@@ -11,9 +11,9 @@ raw features in seconds:
 3. a linear head trained with InfoNCE (two random views of one image are positives, every other image of the
    batch a negative) plus a KoLeo term, the differential-entropy regulariser of SSCD, which spreads the
    descriptors so that similar-looking distinct photos keep a margin;
-4. calibration on held-out training photos: the threshold is the lowest cosine similarity at which at most
-   ``max_false_rate`` of the copies' most similar *other* image is above it; the record keeps the copy
-   recall at that threshold.
+4. calibration on held-out training photos and benchmark-style copies of them, through a simulated dedup
+   (:mod:`~.copycalib`): the lowest threshold whose removals reach ``min_precision``; the record keeps the
+   recall there and the whole curve.
 
 The head is the product of both linear maps (``proj = whiten @ head``), saved with :func:`~.copynet.save_head`.
 """
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinoforge.curate.copycalib import calibrate_dedup, copy_views
 from dinoforge.curate.copynet import RawFeatures, save_head
 from dinoforge.curate.descriptor import info_nce, koleo
 from dinoforge.curate.edits import training_view
@@ -83,56 +84,45 @@ def train_linear_head(x: torch.Tensor, dim: int, steps: int, batch: int, tempera
     return weight.detach()
 
 
-def calibrate(clean: np.ndarray, copies: np.ndarray, max_false_rate: float,
-              others: np.ndarray | None = None) -> dict[str, float]:
-    """Threshold from unit descriptors of held-out images ``clean [m, D]`` and their copies ``[m, V, D]``.
-
-    ``others [n, D]``: more distinct images the copies are compared with (the more images a copy meets, the
-    higher its best impostor; a dedup pool is larger than the calibration set).
-    """
-    m, v, _ = copies.shape
-    flat = copies.reshape(m * v, -1)
-    sims = flat @ clean.T  # [m*V, m]
-    own = np.repeat(np.arange(m), v)
-    positive = sims[np.arange(m * v), own].copy()
-    sims[np.arange(m * v), own] = -1.0
-    impostor = sims.max(axis=1)  # the most similar other image of each copy
-    if others is not None and len(others):
-        impostor = np.maximum(impostor, (flat @ others.T).max(axis=1))
-    threshold = float(np.quantile(impostor, 1.0 - max_false_rate))
-    return {"threshold": threshold, "calibration_images": int(m), "calibration_copies": int(m * v),
-            "copy_recall_at_threshold": float((positive >= threshold).mean()),
-            "impostor_rate_at_threshold": float((impostor >= threshold).mean()),
-            "positive_median": float(np.median(positive)), "impostor_median": float(np.median(impostor))}
+def _cached_features(fit: list[PoolImage], calib: list[PoolImage], raw: RawFeatures, views: int, seed: int,
+                     cache: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit [N, V+1, D_raw] training views, calib [M, 1+F, D_raw] benchmark-style copies)``, read from
+    ``cache`` when it holds the same images, else computed (and written there)."""
+    ids = np.array([p.id for p in fit] + ["|"] + [p.id for p in calib])
+    if cache and Path(cache).is_file():
+        with np.load(cache) as data:
+            if "ids" in data and np.array_equal(data["ids"], ids) and data["fit"].shape[1] == views + 1:
+                return data["fit"], data["calib"]
+        log.info("copy-head: %s holds other images or views; embedding again", cache)
+    fit_x = view_features(fit, raw, views, seed)
+    cal_x = copy_views(calib, raw, seed + 1)
+    if cache:
+        np.savez(cache, fit=fit_x, calib=cal_x, ids=ids)
+    return fit_x, cal_x
 
 
 def train_head(photos: str | Path, out: str | Path, *, views: int = 2, size: int = 160, whiten_dim: int = 512,
                dim: int = 256, shrink: float = 0.1, steps: int = 1500, batch: int = 256, temperature: float = 0.05,
-               koleo_weight: float = 0.1, calibration_percent: int = 25, max_false_rate: float = 0.01,
+               koleo_weight: float = 0.1, calibration_percent: int = 25, min_precision: float = 0.95,
                max_images: int | None = None, cache: str | Path | None = None, train_percent: int = 35,
                seed: int = 0) -> dict[str, Any]:
     """Train, calibrate and save a head; returns its record (also stored in the file).
 
     ``train_percent``: the photo split (:func:`~.photopool.photo_pool`); keep the default so that the
-    benchmark's originals stay unseen. ``cache``: an ``.npz`` of the raw view features, written on the first run and read on later ones (the
-    embedding is the slow part; the head trains in seconds, so settings can be tried again cheaply).
+    benchmark's originals stay unseen. ``cache``: an ``.npz`` of the raw view features, written on the first
+    run and read on later ones with the same images (the embedding is the slow part; the head trains in
+    seconds, so settings can be tried again cheaply). ``min_precision``: of the simulated dedup that sets the
+    threshold (:func:`~.copycalib.calibrate_dedup`).
     """
     started = time.perf_counter()
-    pool = [p for p in photo_pool(photos, train_percent=train_percent) if p.split != "bench"]
+    pool = [p for p in photo_pool(photos, train_percent=train_percent) if p.split in ("train", "small")]
     if max_images and len(pool) > max_images:  # evenly spaced, so every source keeps its share
         pool = [pool[i] for i in np.linspace(0, len(pool) - 1, max_images).round().astype(int)]
-    calib = [p for p in pool if split_of("calibration/" + p.id, calibration_percent) == "train"]
+    calib = [p for p in pool if split_of("calibration/" + (p.group or p.id), calibration_percent) == "train"]
     held = {p.id for p in calib}
     fit = [p for p in pool if p.id not in held]
     raw = RawFeatures(size)
-    if cache and Path(cache).is_file():
-        with np.load(cache) as data:
-            fit_x, cal_x = data["fit"], data["calib"]
-    else:
-        fit_x = view_features(fit, raw, views, seed)  # [N, V+1, D_raw]
-        cal_x = view_features(calib, raw, views, seed + 1)
-        if cache:
-            np.savez(cache, fit=fit_x, calib=cal_x)
+    fit_x, cal_x = _cached_features(fit, calib, raw, views, seed, cache)
     mean, whiten = whitening(fit_x.reshape(-1, raw.dim), whiten_dim, shrink)
     white = torch.from_numpy(((fit_x - mean) @ whiten).astype(np.float32))  # [N, V+1, d]
     head = train_linear_head(white, min(dim, white.shape[-1]), steps, min(batch, len(fit)), temperature,
@@ -148,10 +138,11 @@ def train_head(photos: str | Path, out: str | Path, *, views: int = 2, size: int
         "shrink": shrink, "steps": steps, "temperature": temperature, "koleo": koleo_weight, "seed": seed,
         "train_images": len(fit), "photos": str(photos), "backbone": "MobileNetV2 (ImageNet, frozen)",
         "method": "multi-layer GeM -> shrunk PCA whitening -> InfoNCE + KoLeo linear head",
-        **calibrate(unit(cal_x[:, 0]), unit(cal_x[:, 1:]), max_false_rate, others=unit(fit_x[:, 0]))}
+        **calibrate_dedup(unit(cal_x[:, 0]), unit(cal_x[:, 1:]), unit(fit_x[:, 0]),
+                          [p.group or p.id for p in calib], min_precision=min_precision)}
     record["seconds"] = round(time.perf_counter() - started, 1)
     save_head(out, mean, proj, record)
     return record
 
 
-__all__ = ["calibrate", "train_head", "train_linear_head", "view_features", "whitening"]
+__all__ = ["train_head", "train_linear_head", "view_features", "whitening"]

@@ -7,7 +7,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 from bench_copydetect import table
 
 from dinoforge.curate.copynet import DEFAULT_HEAD
@@ -16,16 +15,16 @@ from tests.bench.conftest import RunBench
 from tests.curate.test_copy_head import tiny_photos
 
 
-@pytest.mark.skipif(not DEFAULT_HEAD.is_file(), reason=f"no trained copy head at {DEFAULT_HEAD} "
-                    "(dinoforge copy-head --photos runs/photos --out it)")
 def test_bench_runs_on_a_tiny_pool(tmp_path: Path, run_bench: RunBench) -> None:
+    """With the shipped head when there is one; without, the dinoforge column and its dedup are left out."""
     photos = tiny_photos(tmp_path / "photos")
     out = tmp_path / "out"
     proc = run_bench("bench_copydetect.py", "--photos", str(photos), "--out", str(out), "--originals", "4",
                      "--extra-refs", "1", "--distractors", "2", "--queries-per-original", "3", timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "results.json").read_text())
-    expected = {"dinoforge", "gem-raw"} | {name for name, module in (("phash", "imagehash"), ("pdq", "pdqhash"),
+    head = DEFAULT_HEAD.is_file()
+    expected = {"gem-raw"} | ({"dinoforge"} if head else set()) | {name for name, module in (("phash", "imagehash"), ("pdq", "pdqhash"),
                                                                        ("imagededup-cnn", "imagededup"))
                                             if importlib.util.find_spec(module)}
     assert expected <= set(summary["results"])
@@ -33,9 +32,15 @@ def test_bench_runs_on_a_tiny_pool(tmp_path: Path, run_bench: RunBench) -> None:
     for result in summary["results"].values():
         overall = result["metrics"]["overall"]
         assert 0.0 <= overall["muap"] <= 1.0 and overall["with_original"] == 12
-    dedup = summary["dedup"]
-    assert dedup["injected_copies"] == 12 and dedup["pool"] == 5 + 14 and 0.0 <= dedup["recall"] <= 1.0
-    assert "dinoforge" in (out / "table.md").read_text().splitlines()[0]
+    curves = summary["dedup_curves"]
+    assert set(curves) == {"gem-raw"} | ({"dinoforge"} if head else set())
+    checks = [point for curve in curves.values() for point in curve] + ([summary["dedup"]] if head else [])
+    assert [c["threshold"] for c in curves["gem-raw"]] == [0.35, 0.40, 0.45, 0.50, 0.60, 0.70, 0.80, 0.85, 0.90]
+    for dedup in checks:
+        assert dedup["injected_copies"] == 12 and dedup["pool"] == 5 + 14 and 0.0 <= dedup["recall"] <= 1.0
+    assert ("dinoforge" in (out / "table.md").read_text().splitlines()[0]) == head
+    if not head:
+        assert "no copy head" in proc.stderr
 
 
 def test_table_has_one_column_per_method() -> None:

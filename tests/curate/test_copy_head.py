@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from dinoforge.core.errors import CheckpointError
-from dinoforge.curate.copyhead import calibrate, train_head, whitening
+from dinoforge.curate.copycalib import calibrate_dedup
+from dinoforge.curate.copyhead import train_head, whitening
 from dinoforge.curate.copynet import CopyDescriptor, load_head
 from dinoforge.curate.photopool import photo_pool
 
@@ -47,16 +48,20 @@ def test_whitening_decorrelates() -> None:
     np.testing.assert_allclose(np.cov(z.T), np.eye(4), atol=1e-6)
 
 
-def test_calibrate_separates_copies_from_impostors() -> None:
+def test_dedup_calibration_separates_copies_from_distractors() -> None:
     rng = np.random.default_rng(0)
-    clean = rng.normal(size=(40, 16))
-    clean /= np.linalg.norm(clean, axis=1, keepdims=True)
-    copies = clean[:, None, :] + 0.1 * rng.normal(size=(40, 3, 16))
-    copies /= np.linalg.norm(copies, axis=2, keepdims=True)
-    record = calibrate(clean, copies, max_false_rate=0.0)
-    assert record["impostor_rate_at_threshold"] <= 1 / 120
-    assert record["copy_recall_at_threshold"] == 1.0
-    assert record["positive_median"] > record["impostor_median"]
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    clean = unit(rng.normal(size=(40, 16)))
+    copies = unit(clean[:, None, :] + 0.1 * rng.normal(size=(40, 3, 16)))
+    others = unit(rng.normal(size=(100, 16)))
+    record = calibrate_dedup(clean, copies, others, [f"g{i}" for i in range(40)], min_precision=0.95)
+    assert record["precision_at_threshold"] >= 0.95 and record["copy_recall_at_threshold"] == 1.0
+    curve = np.array(record["curve"])  # [thresholds, (t, recall, precision)]
+    assert (np.diff(curve[:, 1]) <= 1e-9).all()  # recall falls as the threshold rises
+    assert record["threshold"] == min(t for t, _, p in record["curve"] if p >= 0.95)
 
 
 def test_train_head_on_real_photos(tmp_path: Path) -> None:
@@ -67,7 +72,9 @@ def test_train_head_on_real_photos(tmp_path: Path) -> None:
     mean, proj, meta = load_head(out)
     # at most 16 wide: the whitening keeps no more directions than the training views span
     assert proj.shape[0] == mean.size and 8 <= proj.shape[1] <= 16 and meta["threshold"] == record["threshold"]
-    assert record["train_images"] + record["calibration_images"] == len(photo_pool(photos, train_percent=100))
+    usable = [p for p in photo_pool(photos, train_percent=100) if p.split in ("train", "small")]  # not flat
+    assert record["train_images"] + record["calibration_images"] == len(usable)
+    assert record["calibration"] == "simulated dedup" and 0.0 <= record["copy_recall_at_threshold"] <= 1.0
     desc = CopyDescriptor(out)
     images = [p.load() for p in photo_pool(photos, train_percent=100)[:4]]
     z = desc(images + [im.resize((im.width // 2, im.height // 2)) for im in images])  # [8, 16]
@@ -82,3 +89,14 @@ def test_head_file_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(b"not a numpy file")
     with pytest.raises(CheckpointError, match="not a head file"):
         load_head(tmp_path / "bad.npz")
+
+
+def test_copy_head_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dinoforge.core.cli import main
+
+    assert main(["copy-head", "--photos", str(tmp_path / "none"), "--out", str(tmp_path / "h.npz")]) != 0
+    assert "does not exist" in capsys.readouterr().err  # no collection manifest: one line, no traceback
+    photos = tiny_photos(tmp_path / "photos", PHOTOS[:4])
+    assert main(["copy-head", "--photos", str(photos), "--out", str(tmp_path / "h.npz"), "--min-precision", "1.5"]) != 0
+    assert "--min-precision" in capsys.readouterr().err
+    assert not (tmp_path / "h.npz").exists()
