@@ -159,9 +159,10 @@ def methods(args: argparse.Namespace, desc: CopyDescriptor | None, raw: tuple[np
 
 
 def dedup_check(sets: dict[str, Any], threshold: float, vectors: tuple[np.ndarray, np.ndarray],
-                out: Path) -> dict[str, Any]:
+                out: Path, k: int = 16) -> dict[str, Any]:
     """The curation dedup step on references + queries (unit ``vectors``: references, queries) at
-    ``threshold``, scored against the injected groups; its run lives under ``out``."""
+    ``threshold`` with ``k`` neighbours per image (``dinoforge dedup --k``), scored against the injected
+    groups; its run lives under ``out``."""
     refs_v, queries_v = vectors
     n_ref = len(sets["ref_ids"])
     ids = list(sets["ref_ids"]) + [f"query-{i:05d}" for i in range(len(queries_v))]
@@ -174,10 +175,10 @@ def dedup_check(sets: dict[str, Any], threshold: float, vectors: tuple[np.ndarra
     pq.write_table(pa.table({"id": ids, "group": group, "role": role}), truth_path)
     state = RunState(out, init_runtime("cpu"))
     started = time.perf_counter()
-    group_vectors(state, np.concatenate([refs_v, queries_v]), ids, threshold, 16, f"bench-{time.time()}")
+    group_vectors(state, np.concatenate([refs_v, queries_v]), ids, threshold, k, f"bench-{time.time()}")
     removed = pq.read_table(state.path("dedup", "removed.parquet")).column("id").to_pylist()
     scores = score_dedup(removed, truth_path)
-    return {**scores, "threshold": threshold, "pool": len(ids), "injected_copies": int((truth >= 0).sum()),
+    return {**scores, "threshold": threshold, "k": k, "pool": len(ids), "injected_copies": int((truth >= 0).sum()),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -222,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve", type=float, nargs="*", default=[0.35, 0.40, 0.45, 0.50, 0.60, 0.70, 0.80, 0.85, 0.90],
                         help="cosine thresholds of the dedup curves of gem-raw and the descriptor (operating "
                         "curves on the benchmark itself, not a calibration)")
+    parser.add_argument("--curve-k", type=int, default=16, help="neighbours per image on the curves (dinoforge "
+                        "dedup --k; 1 joins each image only to its most similar one)")
     parser.add_argument("--methods", nargs="*", help="run only these methods")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -253,11 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     curves = {"gem-raw": [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in (raw[1], raw[0])]}
     if desc is not None:
         curves["dinoforge"] = [desc.project(raw[1]), desc.project(raw[0])]
-    summary["dedup_curves"] = {name: [dedup_check(sets, t, (v[0], v[1]), out / f"dedup_{name}_{t:.2f}")
-                                      for t in args.curve] for name, v in curves.items()}
+    summary["dedup_curves"] = {name: [dedup_check(sets, t, (v[0], v[1]), out / f"dedup_{name}_k{args.curve_k}_{t:.2f}",
+                                                  args.curve_k) for t in args.curve] for name, v in curves.items()}
     for name, curve in summary["dedup_curves"].items():
         for point in curve:
-            print(f"dedup {name} at {point['threshold']:.2f}: recall {point['recall']:.3f} "
+            print(f"dedup {name} at {point['threshold']:.2f}, k={args.curve_k}: recall {point['recall']:.3f} "
                   f"precision {point['precision']:.3f}", flush=True)
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "table.md").write_text(table(results))
