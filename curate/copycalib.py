@@ -7,7 +7,7 @@ Instead, the calibration photos go through the same grouping the dedup step does
 benchmark-style copies (:func:`copy_views`: one per edit family of the DISC21 list, crop + overlay and the
 combinations; never the benchmark's unseen families) and the other training photos as distractors; pairs
 among each image's ``k`` nearest neighbours at or above a threshold are joined, each group keeps its
-first image, and removals are scored as :func:`~.copydetect.score_dedup` scores them. The threshold is the
+first image, and removals are scored by :func:`~.copydetect.score_removals`, as the benchmark's are. The threshold is the
 lowest one at which the removals' precision is at least ``min_precision``; the record keeps the recall there.
 Twins (:mod:`~.photopool`) count as one original, so a photo's twin is neither a copy nor an impostor.
 """
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dinoforge.curate import edits
+from dinoforge.curate.copydetect import score_removals
 from dinoforge.curate.copynet import RawFeatures
 from dinoforge.curate.photopool import PoolImage
 from dinoforge.curate.unionfind import UnionFind
@@ -36,16 +37,6 @@ def copy_views(images: list[PoolImage], raw: RawFeatures, seed: int) -> np.ndarr
         im.thumbnail((2 * raw.size, 2 * raw.size))
         out[i] = raw([im, *(edits.apply(f, im, rng) for f in SEEN_FAMILIES)])
     return out
-
-
-def _score(roots: np.ndarray, group: np.ndarray) -> tuple[float, float]:
-    """``(recall, precision)`` of the removals of a grouping (each component keeps its smallest row)."""
-    removed = np.nonzero(roots != np.arange(roots.size))[0]
-    sizes = np.bincount(group[group >= 0])
-    per_group = np.bincount(group[removed][group[removed] >= 0], minlength=sizes.size)
-    true = int(np.minimum(per_group, np.maximum(sizes - 1, 0)).sum())
-    should = int(np.maximum(sizes - 1, 0).sum())
-    return true / max(should, 1), (true / removed.size if removed.size else 1.0)
 
 
 def calibrate_dedup(clean: np.ndarray, copies: np.ndarray, others: np.ndarray, groups: list[str], *,
@@ -71,13 +62,15 @@ def calibrate_dedup(clean: np.ndarray, copies: np.ndarray, others: np.ndarray, g
     a = np.repeat(np.arange(len(x)), nearest.shape[1])
     b = nearest.reshape(-1)
     w = sims[a, b]
+    sizes = np.bincount(group[group >= 0])
     points = []
     for t in np.round(grid if grid is not None else np.arange(0.20, 1.0, 0.01), 4):
         uf = UnionFind(len(x))
         keep = w >= t
         uf.union(a[keep], b[keep])
-        recall, precision = _score(uf.roots(), group)
-        points.append((float(t), recall, precision))
+        removed = np.nonzero(uf.roots() != np.arange(len(x)))[0]  # each group keeps its smallest row
+        score = score_removals(np.maximum(group[removed], -1), sizes)
+        points.append((float(t), score["recall"], score["precision"]))
     good = [p for p in points if p[2] >= min_precision]
     t, recall, precision = min(good) if good else max(points)
     return {"threshold": t, "calibration": "simulated dedup", "min_precision": min_precision,

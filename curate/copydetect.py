@@ -125,32 +125,38 @@ def write_pool_with_copies(sources: list[IndexedSource], folder: Path, *, num_or
     return InjectedPool(folder, truth, len(ids), group)
 
 
+def score_removals(removed_group: np.ndarray, sizes: np.ndarray) -> dict[str, Any]:
+    """Precision / recall / groups kept exactly once of a deduplication.
+
+    Args:
+        removed_group: the injected group (``0..G-1``) of every removed image, ``-1`` for one in no group.
+        sizes: ``[G]`` members of each injected group (an original and its copies).
+    """
+    removed_group = np.asarray(removed_group, dtype=np.int64)
+    per_group = np.bincount(removed_group[removed_group >= 0], minlength=sizes.size)
+    keep_one = np.maximum(sizes - 1, 0)
+    surplus = int(np.minimum(per_group, keep_one).sum())
+    over = int(np.maximum(per_group - keep_one, 0).sum())
+    removed, should = int(removed_group.size), int(keep_one.sum())
+    return {"removed": removed, "should_remove": should, "true_removals": surplus,
+            "false_removals": int((removed_group < 0).sum()) + over, "recall": surplus / should if should else 1.0,
+            "precision": surplus / removed if removed else 1.0, "groups": int(sizes.size),
+            "groups_kept_once": float((per_group == keep_one).mean()) if sizes.size else 1.0,
+            "kept_none": int((per_group == sizes).sum())}
+
+
 def score_dedup(removed_ids: list[str], truth: Path) -> dict[str, Any]:
-    """Precision / recall / groups kept exactly once of a deduplication against injected groups."""
+    """:func:`score_removals` of the removed ids against a ground-truth table (``id, group``; -1: no group)."""
     table = pq.read_table(truth).to_pandas()
     group = dict(zip(table["id"], table["group"], strict=True))
     removed = set(removed_ids)
     unknown = [r for r in removed if r not in group]
     if unknown:
         raise DataError(f"{len(unknown)} removed ids are not in the pool ground truth (first: {unknown[0]})")
-    sizes = table[table["group"] >= 0].groupby("group").size()
-    removed_per_group = {g: 0 for g in sizes.index}
-    false = 0
-    for r in removed:
-        g = group[r]
-        if g < 0:
-            false += 1
-        else:
-            removed_per_group[g] += 1
-    surplus = sum(min(removed_per_group[g], int(sizes[g]) - 1) for g in sizes.index)
-    over = sum(max(0, removed_per_group[g] - (int(sizes[g]) - 1)) for g in sizes.index)
-    should = int((sizes - 1).sum())
-    once = sum(1 for g in sizes.index if removed_per_group[g] == int(sizes[g]) - 1)
-    return {"removed": len(removed), "should_remove": should, "true_removals": surplus,
-            "false_removals": false + over, "recall": surplus / should if should else 1.0,
-            "precision": surplus / len(removed) if removed else 1.0,
-            "groups": int(len(sizes)), "groups_kept_once": once / len(sizes) if len(sizes) else 1.0,
-            "kept_none": sum(1 for g in sizes.index if removed_per_group[g] == int(sizes[g]))}
+    labels = sorted({int(g) for g in table["group"] if g >= 0})
+    index = {g: i for i, g in enumerate(labels)}
+    sizes = np.bincount([index[int(g)] for g in table["group"] if g >= 0], minlength=len(labels))
+    return score_removals(np.array([index.get(int(group[r]), -1) for r in removed], np.int64), sizes)
 
 
 def embed_images(model: str, images: list[Image.Image], batch_size: int = 256) -> np.ndarray:

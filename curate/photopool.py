@@ -38,6 +38,7 @@ from PIL import Image
 
 from dinoforge.core.data.photos import MANIFEST_NAME
 from dinoforge.core.errors import DataError
+from dinoforge.curate.unionfind import UnionFind
 
 WALLPAPER_SOURCES = frozenset({"backgrounds", "plasma-wallpapers"})
 Split = Literal["train", "bench", "small", "flat"]
@@ -89,19 +90,13 @@ def twin_pairs(thumbs: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(i.tolist(), j.tolist(), strict=True))
 
 
-def _components(n: int, pairs: list[tuple[int, int]]) -> list[int]:
-    """The root of each of ``n`` items under the union of ``pairs``."""
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in pairs:
-        parent[find(i)] = find(j)
-    return [find(i) for i in range(n)]
+def _components(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """The component (its smallest item) of each of ``n`` items under the union of ``pairs``."""
+    uf = UnionFind(n)
+    if pairs:
+        a, b = np.array(pairs, dtype=np.int64).T
+        uf.union(a, b)
+    return uf.roots()
 
 
 def photo_pool(photos_dir: str | Path, *, min_side: int = 128, train_percent: int = 35) -> list[PoolImage]:
