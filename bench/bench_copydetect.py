@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distractors", type=int, default=80)
     parser.add_argument("--queries-per-original", type=int, default=4)
     parser.add_argument("--head", help="descriptor head file (default: the shipped one, when there is one)")
-    parser.add_argument("--size", type=int, default=160, help="backbone input side without a head")
+    parser.add_argument("--size", type=int, default=224, help="backbone input side without a head")
     parser.add_argument("--curve", type=float, nargs="*", default=[0.35, 0.40, 0.45, 0.50, 0.60, 0.70, 0.80, 0.85, 0.90],
                         help="cosine thresholds of the dedup curves of gem-raw and the descriptor (operating "
                         "curves on the benchmark itself, not a calibration)")

@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--photos", required=True, help="output folder of dinoforge photos")
     p.add_argument("--out", required=True, help="head file to write (.npz)")
     p.add_argument("--views", type=int, default=2, help="augmented views per training image")
+    p.add_argument("--size", type=int, default=224, help="input side of the frozen backbone in pixels (default 224)")
     p.add_argument("--max-images", type=int, help="train on this many photos (evenly spaced) instead of all")
     p.add_argument("--steps", type=int, default=1500, help="head training steps")
     p.add_argument("--cache", help="npz cache of the view features (reused by a rerun)")
@@ -55,7 +56,9 @@ def _copy_head(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.min_precision <= 1.0:
         raise ConfigError(f"--min-precision must be in (0, 1], got {args.min_precision}")
-    record = train_head(args.photos, args.out, views=args.views, steps=args.steps, cache=args.cache,
+    if args.size < 32:
+        raise ConfigError(f"--size must be at least 32 pixels, got {args.size}")
+    record = train_head(args.photos, args.out, views=args.views, size=args.size, steps=args.steps, cache=args.cache,
                         max_images=args.max_images, min_precision=args.min_precision)
     print(f"wrote {args.out}: threshold {record['threshold']:.3f}: a simulated dedup of "
           f"{record['calibration_images']} held-out photos with {record['calibration_copies']} copies finds "

@@ -101,7 +101,7 @@ def _cached_features(fit: list[PoolImage], calib: list[PoolImage], raw: RawFeatu
     return fit_x, cal_x
 
 
-def train_head(photos: str | Path, out: str | Path, *, views: int = 2, size: int = 160, whiten_dim: int = 512,
+def train_head(photos: str | Path, out: str | Path, *, views: int = 2, size: int = 224, whiten_dim: int = 512,
                dim: int = 256, shrink: float = 0.1, steps: int = 1500, batch: int = 256, temperature: float = 0.05,
                koleo_weight: float = 0.1, calibration_percent: int = 25, min_precision: float = 0.95,
                max_images: int | None = None, cache: str | Path | None = None, train_percent: int = 35,
