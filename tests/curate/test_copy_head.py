@@ -99,4 +99,6 @@ def test_copy_head_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     photos = tiny_photos(tmp_path / "photos", PHOTOS[:4])
     assert main(["copy-head", "--photos", str(photos), "--out", str(tmp_path / "h.npz"), "--min-precision", "1.5"]) != 0
     assert "--min-precision" in capsys.readouterr().err
+    assert main(["copy-head", "--photos", str(photos), "--out", str(tmp_path / "h.npz"), "--size", "8"]) != 0
+    assert "--size" in capsys.readouterr().err
     assert not (tmp_path / "h.npz").exists()
