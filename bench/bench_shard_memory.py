@@ -79,7 +79,7 @@ def worker(case: str, recipe: str, overrides: list[str]) -> None:
     import torch.distributed as dist
 
     from dinoforge.core.hostmem import set_mmap_threshold
-    from dinoforge.core.runtime import init_runtime, seed_everything
+    from dinoforge.core.runtime import init_runtime, seed_everything, shutdown_runtime
     from dinoforge.pretrain.config import load_pretrain_config
     from dinoforge.pretrain.meta_init import build_parallel_meta_arch
 
@@ -98,8 +98,7 @@ def worker(case: str, recipe: str, overrides: list[str]) -> None:
         dist.all_gather_object(peaks, _peak_mb())
     if runtime.is_main:
         print(json.dumps({"strategy": par.strategy, "peaks_mb": peaks}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_runtime(runtime)  # its last barrier keeps gloo's worker threads from aborting the exit
 
 
 def _run(cmd: list[str]) -> dict:
