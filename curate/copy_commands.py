@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dinoforge.core.errors import ConfigError
 
@@ -53,11 +54,16 @@ def _dedup(args: argparse.Namespace) -> int:
 
 def _copy_head(args: argparse.Namespace) -> int:
     from dinoforge.curate.copyhead import train_head
+    from dinoforge.curate.dedup_tool import check_output
 
     if not 0.0 < args.min_precision <= 1.0:
         raise ConfigError(f"--min-precision must be in (0, 1], got {args.min_precision}")
     if args.size < 32:
         raise ConfigError(f"--size must be at least 32 pixels, got {args.size}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: give the path of the head file to write (.npz)")
+    check_output(out.parent)  # before the minutes of embedding, not after
     record = train_head(args.photos, args.out, views=args.views, size=args.size, steps=args.steps, cache=args.cache,
                         max_images=args.max_images, min_precision=args.min_precision)
     print(f"wrote {args.out}: threshold {record['threshold']:.3f}: a simulated dedup of "

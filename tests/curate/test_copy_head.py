@@ -101,4 +101,9 @@ def test_copy_head_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "--min-precision" in capsys.readouterr().err
     assert main(["copy-head", "--photos", str(photos), "--out", str(tmp_path / "h.npz"), "--size", "8"]) != 0
     assert "--size" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("a file, not a folder")
+    assert main(["copy-head", "--photos", str(photos), "--out", str(tmp_path / "afile" / "h.npz")]) != 0
+    assert "cannot create output folder" in capsys.readouterr().err
+    assert main(["copy-head", "--photos", str(photos), "--out", str(tmp_path)]) != 0
+    assert "is a folder" in capsys.readouterr().err
     assert not (tmp_path / "h.npz").exists()
