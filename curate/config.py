@@ -43,6 +43,10 @@ class DedupConfig(StrictModel):
     near: bool = Field(True, description="k-NN near-duplicate pass (false: exact pass only)")
     k: int = Field(64, ge=1, description="neighbours per image in the k-NN graph")
     threshold: float = Field(0.6, ge=-1.0, le=1.0, description="edge when cosine similarity >= threshold")
+    linkage: Literal["components", "kept"] = Field(
+        "components", description="components: connected components of the edges (memory: one integer per "
+        "image); kept: drop an image only when it is a near-duplicate of an earlier image that is kept (no "
+        "chains; holds the edges in memory)")
     chunk_rows: int = Field(65_536, ge=1, description="query rows per search task (the unit ranks share)")
     index: IndexConfig = Field(default_factory=IndexConfig)
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from dinoforge.core.errors import ConfigError
+from dinoforge.curate.linkage import LINKAGES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, help="cosine similarity that makes a copy (default: the calibrated one)")
     p.add_argument("--descriptor", help="head file of dinoforge copy-head (default: the shipped one)")
     p.add_argument("--k", type=int, default=16, help="neighbours searched per image (default 16)")
+    p.add_argument("--linkage", choices=LINKAGES, help="kept: remove an image only when it is a near-duplicate "
+                   "of an image kept; components: connected components (default: the descriptor's calibrated rule)")
     p.add_argument("--sheet-groups", type=int, default=40, help="groups drawn on the contact sheet")
     p.set_defaults(func=_dedup)
 
@@ -36,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, help="train on this many photos (evenly spaced) instead of all")
     p.add_argument("--steps", type=int, default=1500, help="head training steps")
     p.add_argument("--cache", help="npz cache of the view features (reused by a rerun)")
+    p.add_argument("--linkage", choices=LINKAGES, default="kept",
+                   help="grouping rule the threshold is calibrated for, and that dedup then uses (default kept)")
     p.add_argument("--min-precision", type=float, default=0.95,
                    help="precision of the simulated dedup that sets the threshold (default 0.95)")
     p.set_defaults(func=_copy_head)
@@ -45,9 +50,9 @@ def _dedup(args: argparse.Namespace) -> int:
     from dinoforge.curate.dedup_tool import run_dedup
 
     report = run_dedup(args.input, args.out, threshold=args.threshold, head=args.descriptor, k=args.k,
-                       sheet_groups=args.sheet_groups)
+                       sheet_groups=args.sheet_groups, linkage=args.linkage)
     print(f"{report['images']} images: {report['groups']} groups of copies, {report['removed']} removed, "
-          f"{report['kept']} kept (threshold {report['threshold']:.3f}) -> {args.out}/kept.csv, groups.csv, "
+          f"{report['kept']} kept (threshold {report['threshold']:.3f}, {report['linkage']} linkage) -> {args.out}/kept.csv, groups.csv, "
           f"groups.png")
     return 0
 
@@ -65,7 +70,7 @@ def _copy_head(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} is a folder: give the path of the head file to write (.npz)")
     check_output(out.parent)  # before the minutes of embedding, not after
     record = train_head(args.photos, args.out, views=args.views, size=args.size, steps=args.steps, cache=args.cache,
-                        max_images=args.max_images, min_precision=args.min_precision)
+                        max_images=args.max_images, min_precision=args.min_precision, linkage=args.linkage)
     print(f"wrote {args.out}: threshold {record['threshold']:.3f}: a simulated dedup of "
           f"{record['calibration_images']} held-out photos with {record['calibration_copies']} copies finds "
           f"{record['copy_recall_at_threshold']:.3f} of them at precision {record['precision_at_threshold']:.3f}")

@@ -6,8 +6,8 @@ similarity of most real copies, and says nothing about the precision of the grou
 Instead, the calibration photos go through the same grouping the dedup step does: every clean photo, its
 benchmark-style copies (:func:`copy_views`: one per edit family of the DISC21 list, crop + overlay and the
 combinations; never the benchmark's unseen families) and the other training photos as distractors; pairs
-among each image's ``k`` nearest neighbours at or above a threshold are joined, each group keeps its
-first image, and removals are scored by :func:`~.copydetect.score_removals`, as the benchmark's are. The threshold is the
+among each image's ``k`` nearest neighbours at or above a threshold are grouped by the dedup step's own
+rule (:func:`~.linkage.group_edges`, originals first so that they are the kept images), and removals are scored by :func:`~.copydetect.score_removals`, as the benchmark's are. The threshold is the
 lowest one at which the removals' precision is at least ``min_precision``; the record keeps the recall there.
 Twins (:mod:`~.photopool`) count as one original, so a photo's twin is neither a copy nor an impostor.
 """
@@ -21,8 +21,8 @@ import numpy as np
 from dinoforge.curate import edits
 from dinoforge.curate.copydetect import score_removals
 from dinoforge.curate.copynet import RawFeatures, embed_views
+from dinoforge.curate.linkage import Linkage, group_edges
 from dinoforge.curate.photopool import PoolImage
-from dinoforge.curate.unionfind import UnionFind
 
 #: The benchmark's edit families the calibration copies use (the unseen ones stay unseen).
 SEEN_FAMILIES = tuple(f for f in edits.FAMILIES if f not in edits.UNSEEN)
@@ -34,7 +34,7 @@ def copy_views(images: list[PoolImage], raw: RawFeatures, seed: int) -> np.ndarr
 
 
 def calibrate_dedup(clean: np.ndarray, copies: np.ndarray, others: np.ndarray, groups: list[str], *,
-                    min_precision: float = 0.95, k: int = 16,
+                    min_precision: float = 0.95, k: int = 16, linkage: Linkage = "kept",
                     grid: np.ndarray | None = None) -> dict[str, Any]:
     """Lowest threshold whose simulated dedup reaches ``min_precision``.
 
@@ -59,15 +59,15 @@ def calibrate_dedup(clean: np.ndarray, copies: np.ndarray, others: np.ndarray, g
     sizes = np.bincount(group[group >= 0])
     points = []
     for t in np.round(grid if grid is not None else np.arange(0.20, 1.0, 0.01), 4):
-        uf = UnionFind(len(x))
         keep = w >= t
-        uf.union(a[keep], b[keep])
-        removed = np.nonzero(uf.roots() != np.arange(len(x)))[0]  # each group keeps its smallest row
+        roots, _ = group_edges(len(x), [{"a": a[keep], "b": b[keep], "similarity": w[keep]}], linkage)
+        removed = np.nonzero(roots != np.arange(len(x)))[0]
         score = score_removals(np.maximum(group[removed], -1), sizes)
         points.append((float(t), score["recall"], score["precision"]))
     good = [p for p in points if p[2] >= min_precision]
     t, recall, precision = min(good) if good else max(points)
-    return {"threshold": t, "calibration": "simulated dedup", "min_precision": min_precision,
+    return {"threshold": t, "linkage": linkage, "k": k, "calibration": "simulated dedup",
+            "min_precision": min_precision,
             "calibration_images": int(m), "calibration_copies": int(m * v), "calibration_distractors": len(others),
             "copy_recall_at_threshold": recall, "precision_at_threshold": precision,
             "curve": [[round(p[0], 2), round(p[1], 4), round(p[2], 4)] for p in points]}

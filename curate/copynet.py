@@ -29,6 +29,7 @@ from PIL import Image
 
 from dinoforge.core.errors import CheckpointError
 from dinoforge.core.pretrained_cnn import inference_ready, load_strict, locate_weights, read_state_dict
+from dinoforge.curate.linkage import Linkage
 from dinoforge.curate.photopool import PoolImage
 
 log = logging.getLogger("dinoforge.curate")
@@ -129,6 +130,8 @@ class CopyDescriptor:
 
     Attributes:
         threshold: calibrated cosine similarity at and above which two images are copies.
+        linkage: the grouping rule the threshold was calibrated with (:mod:`~.linkage`; heads calibrated
+            before the ``kept`` rule existed say ``components``).
         meta: the head's training and calibration record.
     """
 
@@ -136,6 +139,7 @@ class CopyDescriptor:
         path = Path(head) if head else DEFAULT_HEAD
         self.mean, self.proj, self.meta = load_head(path)
         self.threshold = float(self.meta["threshold"])
+        self.linkage: Linkage = self.meta.get("linkage", "components")
         self.raw = RawFeatures(int(self.meta["size"]), batch_size)
         self.fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 

@@ -4,8 +4,9 @@
    index) are joined to the first of them; only the first copy is indexed.
 2. Near-duplicate pass: the k-NN graph of the L2-normalised embeddings (``k`` neighbours per image through
    the index layer), keeping the edges with cosine similarity ``>= threshold``.
-3. Connected components of both edge sets (union-find); each component keeps its first image (lowest pool
-   row) and drops the others.
+3. Groups of both edge sets (:mod:`~.linkage`): connected components by default (union-find; each keeps its
+   first image, the lowest pool row), or ``linkage: kept`` (a row is dropped only when it is itself a
+   near-duplicate of an earlier row that is kept).
 
 Outputs (``dedup/``): ``removed.parquet`` (pool row, id, component root, reason ``exact``/``near``),
 ``components.parquet`` (root, size; components of two or more images), ``edges/chunk-*.npz`` (the kept
@@ -28,7 +29,8 @@ from dinoforge.core.index import SubsetVectors
 from dinoforge.curate.config import DedupConfig
 from dinoforge.curate.search import build_or_load, read_chunks, sharded_search
 from dinoforge.curate.state import RunState
-from dinoforge.curate.unionfind import UnionFind, component_sizes
+from dinoforge.curate.linkage import group_edges
+from dinoforge.curate.unionfind import component_sizes
 
 
 def exact_groups(hashes: list[str | None] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,8 +89,8 @@ def run_self_dedup(state: RunState, store: FeatureStore, feature: str, cfg: Dedu
     exact_first, exact_rows = exact_groups(table["content_hash"].to_pylist()) if cfg.exact else \
         (np.zeros(0, np.int64), np.zeros(0, np.int64))
     unique = np.setdiff1d(np.arange(n, dtype=np.int64), exact_rows, assume_unique=True)  # sorted
-    report: dict[str, Any] = {"pool": n, "k": cfg.k, "threshold": cfg.threshold, "exact_pass": cfg.exact,
-                              "near_pass": cfg.near}
+    report: dict[str, Any] = {"pool": n, "k": cfg.k, "threshold": cfg.threshold, "linkage": cfg.linkage,
+                              "exact_pass": cfg.exact, "near_pass": cfg.near}
     chunks: list = []
     if cfg.near:
         source = SubsetVectors(store.vectors(feature), unique)
@@ -99,15 +101,9 @@ def run_self_dedup(state: RunState, store: FeatureStore, feature: str, cfg: Dedu
                                 chunk_rows=cfg.chunk_rows, keep=_EdgeFilter(unique, cfg.threshold))
         report["search_seconds"] = round(time.perf_counter() - searched, 3)
     if state.info.is_main:
-        uf = UnionFind(n)
-        uf.union(exact_first, exact_rows)
-        edges = 0
-        for path in chunks:  # one chunk at a time: the edges never need to fit in memory together
-            part = read_chunks([path])
-            if part:
-                uf.union(part["a"], part["b"])
-                edges += int(part["a"].size)
-        report.update(_write_outputs(state, uf.roots(), exact_rows, table["id"].to_pylist()))
+        roots, edges = group_edges(n, (read_chunks([path]) for path in chunks), cfg.linkage,
+                                   (exact_first, exact_rows))
+        report.update(_write_outputs(state, roots, exact_rows, table["id"].to_pylist()))
         report.update(edges=edges, kept=n - report["removed"], seconds=round(time.perf_counter() - started, 3))
         atomic_write_json(state.path("dedup", "report.json"), report)
     return report

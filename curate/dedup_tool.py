@@ -1,10 +1,11 @@
 """``dinoforge dedup INPUT --out DIR``: copies and near-duplicates of an image folder, one image kept per group.
 
 The same machinery as the curation stage's self-deduplication (:func:`~.dedup.run_self_dedup`: k-NN graph of
-L2-normalised descriptors through the index layer, edges at cosine similarity ``>= threshold``, connected
-components by union-find), fed with the copy descriptor (:class:`~.copynet.CopyDescriptor`) and its
-calibrated threshold. Rows are ordered by pixel count (largest first), so the image each group keeps, its
-lowest row, is its largest version.
+L2-normalised descriptors through the index layer, edges at cosine similarity ``>= threshold``, then groups
+by the descriptor's calibrated :mod:`~.linkage` rule), fed with the copy descriptor
+(:class:`~.copynet.CopyDescriptor`) and its calibrated threshold. Rows are ordered by pixel count (largest
+first), so the image each group keeps is its largest version; with the shipped head's ``kept`` rule, an
+image is removed only when it is itself a near-duplicate of the image kept for it.
 
 Steps (resumable, each marked in ``DIR/steps/`` with a fingerprint of what it read):
 
@@ -38,6 +39,7 @@ from dinoforge.curate.config import DedupConfig
 from dinoforge.curate.contact import contact_sheet
 from dinoforge.curate.copynet import CopyDescriptor
 from dinoforge.curate.dedup import run_self_dedup
+from dinoforge.curate.linkage import Linkage
 from dinoforge.curate.state import RunState, fingerprint
 
 log = logging.getLogger("dinoforge.curate")
@@ -99,14 +101,15 @@ def embed_step(state: RunState, folder: Path, files: pd.DataFrame, desc: CopyDes
 
 
 def group_vectors(state: RunState, vectors: np.ndarray, ids: list[str], threshold: float, k: int,
-                  fp: str) -> dict[str, Any]:
+                  fp: str, linkage: Linkage = "kept") -> dict[str, Any]:
     """The curation dedup step on precomputed unit ``vectors [N, D]`` (resumable under ``fp``)."""
     if state.is_done("dedup", fp):
         return state.report("dedup")
     work = state.begin("dedup", fp)
     store = write_feature_store(work / "features", [vectors], num_rows=len(ids), dim=vectors.shape[1], ids=ids,
                                 dtype="float32", fingerprint=fp)
-    cfg = DedupConfig(exact=False, near=True, k=k, threshold=threshold, index=IndexConfig(kind="flat"))
+    cfg = DedupConfig(exact=False, near=True, k=k, threshold=threshold, linkage=linkage,
+                      index=IndexConfig(kind="flat"))
     report = run_self_dedup(state, store, "cls", cfg)
     state.mark_done("dedup", fp, report)
     return report
@@ -141,8 +144,11 @@ def write_outputs(folder: Path, out: Path, files: pd.DataFrame, groups: pd.DataF
 
 
 def run_dedup(input_dir: str | Path, out: str | Path, *, threshold: float | None = None,
-              head: str | Path | None = None, k: int = 16, sheet_groups: int = 40) -> dict[str, Any]:
-    """Find and write the groups of copies under ``input_dir``; returns the report (also ``DIR/report.json``)."""
+              head: str | Path | None = None, k: int = 16, sheet_groups: int = 40,
+              linkage: Linkage | None = None) -> dict[str, Any]:
+    """Find and write the groups of copies under ``input_dir``; returns the report (also ``DIR/report.json``).
+
+    ``threshold`` and ``linkage`` default to the descriptor's calibrated ones."""
     folder, out = Path(input_dir), Path(out)
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise ConfigError(f"--threshold {threshold} is not a cosine similarity in [-1, 1]")
@@ -151,18 +157,19 @@ def run_dedup(input_dir: str | Path, out: str | Path, *, threshold: float | None
     state = RunState(out, init_runtime("cpu"))
     desc = CopyDescriptor(head)
     threshold = desc.threshold if threshold is None else threshold
+    linkage = desc.linkage if linkage is None else linkage
     fp = fingerprint("embed", desc.fingerprint, str(folder.resolve()), files.to_dict("list"))
     if not state.is_done("embed", fp):
         state.begin("embed", fp)
     vectors = embed_step(state, folder, files, desc)
     state.mark_done("embed", fp, {"images": len(files), "dim": desc.dim})
     ids = files["path"].tolist()
-    report = group_vectors(state, vectors, ids, threshold, k, fingerprint(fp, "dedup", threshold, k))
+    report = group_vectors(state, vectors, ids, threshold, k, fingerprint(fp, "dedup", threshold, k, linkage), linkage)
     groups = groups_table(state, vectors, ids)
     kept = write_outputs(folder, out, files, groups, sheet_groups)
     summary = {"input": str(folder), "images": len(files), "unreadable": files.attrs["unreadable"],
                "kept": len(kept), "removed": len(files) - len(kept), "groups": int(groups.group.nunique()),
-               "threshold": threshold, "k": k, "descriptor": desc.meta.get("method"),
+               "threshold": threshold, "k": k, "linkage": linkage, "descriptor": desc.meta.get("method"),
                "dedup": {key: report.get(key) for key in ("edges", "components_multi", "largest_component")}}
     atomic_write_json(out / "report.json", summary)
     return summary

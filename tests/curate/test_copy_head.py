@@ -48,7 +48,8 @@ def test_whitening_decorrelates() -> None:
     np.testing.assert_allclose(np.cov(z.T), np.eye(4), atol=1e-6)
 
 
-def test_dedup_calibration_separates_copies_from_distractors() -> None:
+@pytest.mark.parametrize("linkage", ["components", "kept"])
+def test_dedup_calibration_separates_copies_from_distractors(linkage: str) -> None:
     rng = np.random.default_rng(0)
 
     def unit(x: np.ndarray) -> np.ndarray:
@@ -57,7 +58,9 @@ def test_dedup_calibration_separates_copies_from_distractors() -> None:
     clean = unit(rng.normal(size=(40, 16)))
     copies = unit(clean[:, None, :] + 0.1 * rng.normal(size=(40, 3, 16)))
     others = unit(rng.normal(size=(100, 16)))
-    record = calibrate_dedup(clean, copies, others, [f"g{i}" for i in range(40)], min_precision=0.95)
+    record = calibrate_dedup(clean, copies, others, [f"g{i}" for i in range(40)], min_precision=0.95,
+                             linkage=linkage)  # type: ignore[arg-type]
+    assert record["linkage"] == linkage
     assert record["precision_at_threshold"] >= 0.95 and record["copy_recall_at_threshold"] == 1.0
     curve = np.array(record["curve"])  # [thresholds, (t, recall, precision)]
     assert (np.diff(curve[:, 1]) <= 1e-9).all()  # recall falls as the threshold rises
