@@ -33,6 +33,7 @@ from dinoforge.curate.copycalib import calibrate_dedup, copy_views
 from dinoforge.curate.copynet import RawFeatures, embed_views, save_head
 from dinoforge.curate.descriptor import info_nce, koleo
 from dinoforge.curate.edits import training_view
+from dinoforge.curate.linkage import Linkage
 from dinoforge.curate.photopool import PoolImage, photo_pool, split_of
 
 log = logging.getLogger("dinoforge.curate")
@@ -55,7 +56,19 @@ def whitening(x: np.ndarray, dim: int, shrink: float) -> tuple[np.ndarray, np.nd
 
 def train_linear_head(x: torch.Tensor, dim: int, steps: int, batch: int, temperature: float,
                       koleo_weight: float, seed: int) -> torch.Tensor:
-    """Linear map ``[d, dim]`` trained with InfoNCE + KoLeo on whitened views ``x [N, V, d]``."""
+    """Linear map ``[d, dim]`` trained with InfoNCE + KoLeo on whitened views ``x [N, V, d]``, the same bits on
+    every run: it trains on one thread (how two threads split a reduction changes its last bit, and 1,500
+    AdamW steps grow that into another head, up to 0.24 apart in a weight; one thread costs ~1.6x, seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(x, dim, steps, batch, temperature, koleo_weight, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(x: torch.Tensor, dim: int, steps: int, batch: int, temperature: float, koleo_weight: float,
+           seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     n, v, d = x.shape
     weight = torch.nn.Parameter(torch.eye(d, dim))  # start at the top principal directions
@@ -95,14 +108,15 @@ def train_head(photos: str | Path, out: str | Path, *, views: int = 2, size: int
                dim: int = 256, shrink: float = 0.1, steps: int = 1500, batch: int = 256, temperature: float = 0.05,
                koleo_weight: float = 0.1, calibration_percent: int = 25, min_precision: float = 0.95,
                max_images: int | None = None, cache: str | Path | None = None, train_percent: int = 35,
-               seed: int = 0) -> dict[str, Any]:
+               linkage: Linkage = "kept", seed: int = 0) -> dict[str, Any]:
     """Train, calibrate and save a head; returns its record (also stored in the file).
 
     ``train_percent``: the photo split (:func:`~.photopool.photo_pool`); keep the default so that the
     benchmark's originals stay unseen. ``cache``: an ``.npz`` of the raw view features, written on the first
     run and read on later ones with the same images (the embedding is the slow part; the head trains in
     seconds, so settings can be tried again cheaply). ``min_precision``: of the simulated dedup that sets the
-    threshold (:func:`~.copycalib.calibrate_dedup`).
+    threshold (:func:`~.copycalib.calibrate_dedup`), grouped by ``linkage`` (:mod:`~.linkage`), the rule
+    ``dinoforge dedup`` then uses with this head.
     """
     started = time.perf_counter()
     pool = [p for p in photo_pool(photos, train_percent=train_percent) if p.split in ("train", "small")]
@@ -129,7 +143,7 @@ def train_head(photos: str | Path, out: str | Path, *, views: int = 2, size: int
         "train_images": len(fit), "photos": str(photos), "backbone": "MobileNetV2 (ImageNet, frozen)",
         "method": "multi-layer GeM -> shrunk PCA whitening -> InfoNCE + KoLeo linear head",
         **calibrate_dedup(unit(cal_x[:, 0]), unit(cal_x[:, 1:]), unit(fit_x[:, 0]),
-                          [p.group or p.id for p in calib], min_precision=min_precision)}
+                          [p.group or p.id for p in calib], min_precision=min_precision, linkage=linkage)}
     record["seconds"] = round(time.perf_counter() - started, 1)
     save_head(out, mean, proj, record)
     return record
