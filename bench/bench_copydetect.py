@@ -15,9 +15,10 @@ and per family. Methods:
   average pool, imagededup's own 256 -> 224 centre-crop transform; cosine similarity).
 
 Then the dedup check: the pool of references, the copy queries and the distractors goes through the curation
-dedup step with the descriptor's calibrated threshold, scored against the injected groups; and the same step
-along a list of thresholds (``--curve``) for the descriptor and for gem-raw: operating curves measured on the
-benchmark itself, which show what a threshold calibrated elsewhere leaves on the table.
+dedup step with the descriptor's calibrated threshold and grouping rule (:mod:`dinoforge.curate.linkage`),
+scored against the injected groups; and the same step along a list of thresholds (``--curve``, with
+``--curve-k`` neighbours and ``--curve-linkage``) for the descriptor and for gem-raw: operating curves
+measured on the benchmark itself, which show what a threshold calibrated elsewhere leaves on the table.
 
     nice -n 19 python bench/bench_copydetect.py --photos runs/photos --out runs/bench_copydetect
 """
@@ -44,6 +45,7 @@ from dinoforge.curate.copydetect import score_dedup
 from dinoforge.curate.copyeval import evaluate
 from dinoforge.curate.copynet import DEFAULT_HEAD, CopyDescriptor, RawFeatures, load_mobilenet
 from dinoforge.curate.dedup_tool import group_vectors
+from dinoforge.curate.linkage import LINKAGES, Linkage
 from dinoforge.curate.photopool import photo_pool
 from dinoforge.curate.state import RunState, fingerprint
 
@@ -160,10 +162,10 @@ def methods(args: argparse.Namespace, desc: CopyDescriptor | None, raw: tuple[np
 
 
 def dedup_check(sets: dict[str, Any], threshold: float, vectors: tuple[np.ndarray, np.ndarray],
-                out: Path, k: int = 16) -> dict[str, Any]:
+                out: Path, k: int = 16, linkage: Linkage = "kept") -> dict[str, Any]:
     """The curation dedup step on references + queries (unit ``vectors``: references, queries) at
-    ``threshold`` with ``k`` neighbours per image (``dinoforge dedup --k``), scored against the injected
-    groups; its run lives under ``out``."""
+    ``threshold`` with ``k`` neighbours per image (``dinoforge dedup --k``) and ``linkage``, scored against
+    the injected groups; its run lives under ``out``."""
     refs_v, queries_v = vectors
     n_ref = len(sets["ref_ids"])
     ids = list(sets["ref_ids"]) + [f"query-{i:05d}" for i in range(len(queries_v))]
@@ -176,10 +178,10 @@ def dedup_check(sets: dict[str, Any], threshold: float, vectors: tuple[np.ndarra
     pq.write_table(pa.table({"id": ids, "group": group, "role": role}), truth_path)
     state = RunState(out, init_runtime("cpu"))
     started = time.perf_counter()
-    group_vectors(state, np.concatenate([refs_v, queries_v]), ids, threshold, k, f"bench-{time.time()}")
+    group_vectors(state, np.concatenate([refs_v, queries_v]), ids, threshold, k, f"bench-{time.time()}", linkage)
     removed = pq.read_table(state.path("dedup", "removed.parquet")).column("id").to_pylist()
     scores = score_dedup(removed, truth_path)
-    return {**scores, "threshold": threshold, "k": k, "pool": len(ids), "injected_copies": int((truth >= 0).sum()),
+    return {**scores, "threshold": threshold, "k": k, "linkage": linkage, "pool": len(ids), "injected_copies": int((truth >= 0).sum()),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -221,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries-per-original", type=int, default=4)
     parser.add_argument("--head", help="descriptor head file (default: the shipped one, when there is one)")
     parser.add_argument("--size", type=int, default=224, help="backbone input side without a head")
-    parser.add_argument("--curve", type=float, nargs="*", default=[0.35, 0.40, 0.45, 0.50, 0.60, 0.70, 0.80, 0.85, 0.90],
+    parser.add_argument("--curve", type=float, nargs="*", default=[0.25, 0.30, 0.35, 0.40, 0.45, 0.50, 0.60, 0.70, 0.80, 0.90],
                         help="cosine thresholds of the dedup curves of gem-raw and the descriptor (operating "
                         "curves on the benchmark itself, not a calibration)")
     parser.add_argument("--curve-k", type=int, default=16, help="neighbours per image on the curves (dinoforge "
                         "dedup --k; 1 joins each image only to its most similar one)")
+    parser.add_argument("--curve-linkage", choices=LINKAGES, default="kept", help="grouping rule on the curves")
     parser.add_argument("--methods", nargs="*", help="run only these methods")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -252,16 +255,19 @@ def main(argv: list[str] | None = None) -> int:
                "results": results, "head": desc.meta if desc is not None else None}
     if desc is not None and "dinoforge" in results:
         summary["dedup"] = dedup_check(sets, desc.threshold, (desc.project(raw[1]), desc.project(raw[0])),
-                                       out / "dedup_run")
+                                       out / "dedup_run", linkage=desc.linkage)
         print("dedup:", json.dumps(summary["dedup"]))
     curves = {"gem-raw": [l2_normalize(raw[1]), l2_normalize(raw[0])]}
     if desc is not None:
         curves["dinoforge"] = [desc.project(raw[1]), desc.project(raw[0])]
-    summary["dedup_curves"] = {name: [dedup_check(sets, t, (v[0], v[1]), out / f"dedup_{name}_k{args.curve_k}_{t:.2f}",
-                                                  args.curve_k) for t in args.curve] for name, v in curves.items()}
+    tag = f"k{args.curve_k}_{args.curve_linkage}"
+    summary["dedup_curves"] = {name: [dedup_check(sets, t, (v[0], v[1]), out / f"dedup_{name}_{tag}_{t:.2f}",
+                                                  args.curve_k, args.curve_linkage) for t in args.curve]
+                               for name, v in curves.items()}
     for name, curve in summary["dedup_curves"].items():
         for point in curve:
-            print(f"dedup {name} at {point['threshold']:.2f}, k={args.curve_k}: recall {point['recall']:.3f} "
+            print(f"dedup {name} at {point['threshold']:.2f}, k={args.curve_k}, {args.curve_linkage}: "
+                  f"recall {point['recall']:.3f} "
                   f"precision {point['precision']:.3f}", flush=True)
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "table.md").write_text(table(results))

@@ -35,7 +35,8 @@ def test_bench_runs_on_a_tiny_pool(tmp_path: Path, run_bench: RunBench) -> None:
     curves = summary["dedup_curves"]
     assert set(curves) == {"gem-raw"} | ({"dinoforge"} if head else set())
     checks = [point for curve in curves.values() for point in curve] + ([summary["dedup"]] if head else [])
-    assert [c["threshold"] for c in curves["gem-raw"]] == [0.35, 0.40, 0.45, 0.50, 0.60, 0.70, 0.80, 0.85, 0.90]
+    assert [c["threshold"] for c in curves["gem-raw"]] == [0.25, 0.30, 0.35, 0.40, 0.45, 0.50, 0.60, 0.70, 0.80, 0.90]
+    assert {c["linkage"] for c in checks} == {"kept"}  # the curves' default and the shipped head's rule
     for dedup in checks:
         assert dedup["injected_copies"] == 12 and dedup["pool"] == 5 + 14 and 0.0 <= dedup["recall"] <= 1.0
     assert ("dinoforge" in (out / "table.md").read_text().splitlines()[0]) == head
