@@ -181,8 +181,8 @@ def dedup_check(sets: dict[str, Any], threshold: float, vectors: tuple[np.ndarra
     group_vectors(state, np.concatenate([refs_v, queries_v]), ids, threshold, k, f"bench-{time.time()}", linkage)
     removed = pq.read_table(state.path("dedup", "removed.parquet")).column("id").to_pylist()
     scores = score_dedup(removed, truth_path)
-    return {**scores, "threshold": threshold, "k": k, "linkage": linkage, "pool": len(ids), "injected_copies": int((truth >= 0).sum()),
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {**scores, "threshold": threshold, "k": k, "linkage": linkage, "pool": len(ids),
+            "injected_copies": int((truth >= 0).sum()), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def cached(path: Path, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:

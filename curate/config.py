@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from dinoforge.core.config import StrictModel
 from dinoforge.core.index import IndexConfig
+from dinoforge.curate.linkage import Linkage
 
 #: Spec prefix naming a precomputed embedding store (an extraction output) instead of images.
 FEATURES_SCHEME = "features:"
@@ -43,7 +44,7 @@ class DedupConfig(StrictModel):
     near: bool = Field(True, description="k-NN near-duplicate pass (false: exact pass only)")
     k: int = Field(64, ge=1, description="neighbours per image in the k-NN graph")
     threshold: float = Field(0.6, ge=-1.0, le=1.0, description="edge when cosine similarity >= threshold")
-    linkage: Literal["components", "kept"] = Field(
+    linkage: Linkage = Field(
         "components", description="components: connected components of the edges (memory: one integer per "
         "image); kept: drop an image only when it is a near-duplicate of an earlier image that is kept (no "
         "chains; holds the edges in memory)")

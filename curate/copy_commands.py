@@ -52,8 +52,8 @@ def _dedup(args: argparse.Namespace) -> int:
     report = run_dedup(args.input, args.out, threshold=args.threshold, head=args.descriptor, k=args.k,
                        sheet_groups=args.sheet_groups, linkage=args.linkage)
     print(f"{report['images']} images: {report['groups']} groups of copies, {report['removed']} removed, "
-          f"{report['kept']} kept (threshold {report['threshold']:.3f}, {report['linkage']} linkage) -> {args.out}/kept.csv, groups.csv, "
-          f"groups.png")
+          f"{report['kept']} kept (threshold {report['threshold']:.3f}, {report['linkage']} linkage) -> "
+          f"{args.out}/kept.csv, groups.csv, groups.png")
     return 0
 
 

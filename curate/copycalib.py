@@ -7,8 +7,9 @@ Instead, the calibration photos go through the same grouping the dedup step does
 benchmark-style copies (:func:`copy_views`: one per edit family of the DISC21 list, crop + overlay and the
 combinations; never the benchmark's unseen families) and the other training photos as distractors; pairs
 among each image's ``k`` nearest neighbours at or above a threshold are grouped by the dedup step's own
-rule (:func:`~.linkage.group_edges`, originals first so that they are the kept images), and removals are scored by :func:`~.copydetect.score_removals`, as the benchmark's are. The threshold is the
-lowest one at which the removals' precision is at least ``min_precision``; the record keeps the recall there.
+rule (:func:`~.linkage.group_edges`, originals first so that they are the kept images), and removals are
+scored by :func:`~.copydetect.score_removals`, as the benchmark's are. The threshold is the lowest one at
+which the removals' precision is at least ``min_precision``; the record keeps the recall there.
 Twins (:mod:`~.photopool`) count as one original, so a photo's twin is neither a copy nor an impostor.
 """
 

@@ -16,14 +16,14 @@ Two rules, both returning a "root" per row (the kept row it belongs to; ``root =
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from dinoforge.curate.unionfind import UnionFind
 
 Linkage = Literal["components", "kept"]
-LINKAGES: tuple[Linkage, ...] = ("components", "kept")
+LINKAGES: tuple[Linkage, ...] = get_args(Linkage)
 
 
 def attach_to_kept(n: int, a: np.ndarray, b: np.ndarray, similarity: np.ndarray) -> np.ndarray:
