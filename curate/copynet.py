@@ -29,7 +29,7 @@ from PIL import Image
 
 from dinoforge.core.errors import CheckpointError
 from dinoforge.core.pretrained_cnn import inference_ready, load_strict, locate_weights, read_state_dict
-from dinoforge.curate.linkage import Linkage
+from dinoforge.curate.linkage import LINKAGES, Linkage
 from dinoforge.curate.photopool import PoolImage
 
 log = logging.getLogger("dinoforge.curate")
@@ -183,6 +183,8 @@ def load_head(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         raise CheckpointError(f"copy descriptor head {path} is not a head file: {err}") from None
     if mean.ndim != 1 or proj.ndim != 2 or proj.shape[0] != mean.size or "threshold" not in meta:
         raise CheckpointError(f"copy descriptor head {path}: shapes {mean.shape}, {proj.shape} or record invalid")
+    if meta.get("linkage", "components") not in LINKAGES:
+        raise CheckpointError(f"copy descriptor head {path}: unknown linkage {meta['linkage']!r} (one of {LINKAGES})")
     return mean, proj, meta
 
 

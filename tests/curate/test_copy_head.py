@@ -12,7 +12,7 @@ from PIL import Image
 from dinoforge.core.errors import CheckpointError
 from dinoforge.curate.copycalib import calibrate_dedup
 from dinoforge.curate.copyhead import train_head, whitening
-from dinoforge.curate.copynet import CopyDescriptor, load_head
+from dinoforge.curate.copynet import CopyDescriptor, load_head, save_head
 from dinoforge.curate.photopool import photo_pool
 
 skimage = pytest.importorskip("skimage")
@@ -92,6 +92,9 @@ def test_head_file_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(b"not a numpy file")
     with pytest.raises(CheckpointError, match="not a head file"):
         load_head(tmp_path / "bad.npz")
+    save_head(tmp_path / "odd.npz", np.zeros(4), np.zeros((4, 2)), {"threshold": 0.5, "size": 64, "linkage": "single"})
+    with pytest.raises(CheckpointError, match="unknown linkage 'single'"):
+        load_head(tmp_path / "odd.npz")
 
 
 def test_copy_head_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
