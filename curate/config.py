@@ -39,7 +39,8 @@ class DedupConfig(StrictModel):
     """Self-deduplication of the pool: exact content hashes, then a k-NN graph and its components."""
 
     enabled: bool = True
-    model: str | None = Field(None, description="copy-detection model (default: embed.model)")
+    model: str | None = Field(None, description="copy-detection model (default: embed.model); 'copy': the shipped "
+                              "copy descriptor of dinoforge dedup, 'copy:HEAD.npz' another head")
     exact: bool = Field(True, description="first drop pixel-identical images (content hash)")
     near: bool = Field(True, description="k-NN near-duplicate pass (false: exact pass only)")
     k: int = Field(64, ge=1, description="neighbours per image in the k-NN graph")

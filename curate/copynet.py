@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dinoforge.core.errors import CheckpointError
+from dinoforge.core.extract.engine import ExternalModel
+from dinoforge.core.image_contract import PreprocessConfig
 from dinoforge.core.pretrained_cnn import inference_ready, load_strict, locate_weights, read_state_dict
 from dinoforge.curate.linkage import LINKAGES, Linkage
 from dinoforge.curate.photopool import PoolImage
@@ -82,18 +84,21 @@ class RawFeatures:
         self.size, self.batch_size = size, batch_size
         self.net = load_mobilenet()
 
-    @torch.inference_mode()
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            x = to_batch(images[start:start + self.batch_size], self.size)
-            pooled = []
-            for i, block in enumerate(self.net):
-                x = block(x)
-                if i in LAYERS:
-                    pooled.append(F.normalize(gem(x.float()), dim=1))
-            out.append(torch.cat(pooled, dim=1).numpy())
+        out = [self.forward(to_batch(images[start:start + self.batch_size], self.size))
+               for start in range(0, len(images), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> np.ndarray:
+        """ImageNet-normalised pixels ``[B, 3, S, S]`` -> raw features ``[B, D_raw]``."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        pooled = []
+        for i, block in enumerate(self.net):
+            x = block(x)
+            if i in LAYERS:
+                pooled.append(F.normalize(gem(x.float()), dim=1))
+        return torch.cat(pooled, dim=1).numpy()
 
     @property
     def dim(self) -> int:
@@ -156,6 +161,16 @@ class CopyDescriptor:
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Descriptors ``[N, D]`` of RGB images."""
         return self.project(self.raw(images))
+
+    def extraction_model(self) -> ExternalModel:
+        """The descriptor as the batch extraction engine's model, its ``cls`` feature (how the curation stage
+        embeds with ``dedup.model: copy``): the loader squashes each image to the head's side (the contract's
+        ``resize`` mode, bilinear, ImageNet normalisation), as :func:`to_batch` does."""
+        # patch_size 1: a CNN has no patch grid for the contract's "side is a multiple of the patch" check.
+        pre = PreprocessConfig(mode="resize", size=self.raw.size, interpolation="bilinear", patch_size=1,
+                               mean=tuple(_MEAN.flatten().tolist()), std=tuple(_STD.flatten().tolist()))
+        return ExternalModel(preprocess=pre, sha256=self.fingerprint, embed_dim=self.dim,
+                             compute=lambda pixels: {"cls": self.project(self.raw.forward(pixels))})
 
 
 def save_head(path: str | Path, mean: np.ndarray, proj: np.ndarray, meta: dict[str, Any]) -> Path:

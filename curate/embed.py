@@ -8,6 +8,9 @@ rank extracts its own units.
 Which model embeds what: the retrieval model (``embed.model``) embeds the pool and the seed sets; the
 copy-detection model (``dedup.model``, default the same) embeds the pool again when it differs, and the
 evaluation sets (relative deduplication compares copies, as DINOv2 did with its copy-detection descriptor).
+``dedup.model: copy`` names the shipped copy descriptor (:class:`~.copynet.CopyDescriptor`, the one
+``dinoforge dedup`` uses), ``copy:HEAD.npz`` another head of ``dinoforge copy-head``; its vectors are stored
+as the ``cls`` feature.
 """
 
 from __future__ import annotations
@@ -20,15 +23,33 @@ from dinoforge.core.errors import CheckpointError, DataError
 from dinoforge.core.extract import ExtractConfig, FeatureStore, run_extraction
 from dinoforge.core.fileio import sha256_file
 from dinoforge.curate.config import FEATURES_SCHEME, CurateConfig
+from dinoforge.curate.copynet import DEFAULT_HEAD, CopyDescriptor
 from dinoforge.curate.state import RunState
 
 log = logging.getLogger("dinoforge.curate")
 
 
+#: ``dedup.model`` value naming the shipped copy descriptor (``copy:HEAD.npz``: another head file).
+COPY_MODEL = "copy"
+
+
+def copy_head(model: str) -> Path | None:
+    """The head file a ``copy`` / ``copy:HEAD.npz`` model names, ``None`` for any other model."""
+    if model == COPY_MODEL:
+        return DEFAULT_HEAD
+    return Path(model[len(COPY_MODEL) + 1:]).expanduser() if model.startswith(COPY_MODEL + ":") else None
+
+
 def model_key(model: str) -> str:
-    """First 12 hex digits of the model's weights hash (artifact card, or the checkpoint file's SHA-256)."""
+    """First 12 hex digits of the model's weights hash (artifact card, the checkpoint file's SHA-256, or a copy
+    head file's SHA-256)."""
     if model == "pixels":
         return "pixels"
+    head = copy_head(model)
+    if head is not None:
+        if not head.is_file():
+            raise CheckpointError(f"copy descriptor head {head} does not exist (train one with dinoforge copy-head)")
+        return sha256_file(head)[:12]
     path = Path(model).expanduser()
     if is_artifact(path):
         return read_card(path).weights_sha256[:12]
@@ -54,6 +75,8 @@ class Embeddings:
         self.dedup_model = cfg.dedup.model or cfg.embed.model
         self.shared = self.dedup_model == self.retrieval_model or \
             model_key(str(self.dedup_model)) == model_key(str(self.retrieval_model))
+        #: feature the dedup and relative steps read: a copy descriptor's vectors are its ``cls`` feature
+        self.dedup_feature = "cls" if copy_head(str(self.dedup_model)) is not None else cfg.embed.feature
 
     def keys(self) -> dict[str, str]:
         """Model keys of the retrieval and dedup embeddings (what the steps' fingerprints depend on)."""
@@ -103,12 +126,15 @@ def run_embed(state: RunState, cfg: CurateConfig, emb: Embeddings) -> dict[str, 
     e = cfg.embed
     report: dict[str, object] = {}
     for spec, out, model in emb.jobs():
+        head = copy_head(model)
+        external = CopyDescriptor(head, batch_size=e.batch_size).extraction_model() if head is not None else None
         job = ExtractConfig(model=model, input=spec, output=str(out), shard_size=e.shard_size,
-                            features=(e.feature,), dtype="float16", format="npy", preprocess=e.preprocess,
-                            batch_size=e.batch_size, num_workers=e.num_workers, device=e.device,
-                            autocast=e.autocast, progress=state.info.is_main)
+                            features=("cls",) if head else (e.feature,), dtype="float16", format="npy",
+                            preprocess=() if head else e.preprocess, batch_size=e.batch_size,
+                            num_workers=e.num_workers, device=e.device, autocast=e.autocast,
+                            progress=state.info.is_main)
         log.info("embed %s with %s -> %s", spec, model, out.name)
-        result = run_extraction(job)
+        result = run_extraction(job, external)
         if not result.complete:
             raise RuntimeError(f"extraction into {out} did not complete")
         store = FeatureStore(out)

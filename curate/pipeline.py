@@ -101,7 +101,8 @@ class _Run:
         removed_self = np.zeros(0, np.int64)
         if cfg.dedup.enabled:
             fp = fingerprint(fp, "dedup", cfg.dedup)
-            self.step("dedup", fp, lambda: dedup.run_self_dedup(st, self.emb.pool("dedup"), self.feature, cfg.dedup))
+            self.step("dedup", fp, lambda: dedup.run_self_dedup(st, self.emb.pool("dedup"), self.emb.dedup_feature,
+                                                                 cfg.dedup))
             removed_self = st.removed_rows("dedup")
         kept = np.setdiff1d(np.arange(n, dtype=np.int64), removed_self, assume_unique=True)
         removed_rel = np.zeros(0, np.int64)
@@ -109,7 +110,7 @@ class _Run:
             fp = fingerprint(fp, "relative", cfg.relative)
             evals = {name: self.emb.eval_set(name) for name in cfg.eval_sets}
             self.step("relative", fp, lambda: relative.run_relative_dedup(
-                st, self.emb.pool("dedup"), self.feature, evals, kept, cfg.relative, cfg.dedup.chunk_rows))
+                st, self.emb.pool("dedup"), self.emb.dedup_feature, evals, kept, cfg.relative, cfg.dedup.chunk_rows))
             removed_rel = st.removed_rows("relative")
         candidates = np.setdiff1d(kept, removed_rel, assume_unique=True)
         if cfg.seeds:

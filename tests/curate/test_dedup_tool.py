@@ -72,3 +72,41 @@ def test_dedup_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "cannot create output folder" in capsys.readouterr().err
     assert main(["dedup", str(tmp_path / "one"), "--out", str(tmp_path / "o"), "--threshold", "2"]) != 0
     assert "not a cosine similarity" in capsys.readouterr().err
+
+
+def test_curation_stage_dedups_with_the_copy_descriptor(folder: Path, tmp_path: Path) -> None:
+    """``dedup.model: copy``: the curation stage embeds with the same descriptor as ``dinoforge dedup``."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from dinoforge.core.extract import FeatureStore
+    from dinoforge.curate.copynet import CopyDescriptor
+
+    held = tmp_path / "held"  # evaluation images: copies of two pool originals that have no copy in the pool
+    held.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("retina", "ihc"):
+        edits.apply("jpeg", Image.open(folder / f"{name}.png"), rng).save(held / f"{name}.jpg", quality=90)
+    desc = CopyDescriptor()
+    recipe = {"output": str(tmp_path / "run"), "pool": str(folder), "eval_sets": {"held": str(held)},
+              "embed": {"model": "pixels", "feature": "pixels", "preprocess": ["size=32"], "num_workers": 0},
+              "dedup": {"model": "copy", "threshold": desc.threshold, "linkage": "kept", "k": 4,
+                        "index": {"kind": "flat"}},
+              "relative": {"threshold": desc.threshold},
+              "retrieval": {"sample": {"enabled": False}}, "manifest": {"plots": False}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["curate", "--config", str(tmp_path / "recipe.yaml")]) == 0
+    run = tmp_path / "run"
+
+    def stems(step: str) -> list[str]:
+        ids = pq.read_table(run / step / "removed.parquet").column("id").to_pylist()
+        return sorted(Path(i).stem.split("-")[0] for i in ids)
+
+    assert stems("dedup") == sorted(Path(n).stem for n, _ in COPIES)  # one image of each original + copy pair
+    assert stems("relative") == ["ihc", "retina"]
+    store = FeatureStore(next((run / "embed").glob("pool-dedup-*")))
+    table = store.table(["path"]).to_pandas()
+    vectors = store.load("cls").astype(np.float32)  # [N, D], written by the extraction engine's loader
+    direct = desc([Image.open(p).convert("RGB") for p in table["path"]])  # dinoforge dedup's own path
+    cosine = (vectors * direct).sum(axis=1) / np.linalg.norm(vectors, axis=1)
+    assert cosine.min() > 0.99, cosine  # the contract's resize + float16 storage, not another descriptor
