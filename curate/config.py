@@ -19,6 +19,13 @@ from dinoforge.curate.linkage import Linkage
 
 #: Spec prefix naming a precomputed embedding store (an extraction output) instead of images.
 FEATURES_SCHEME = "features:"
+#: ``dedup.model`` naming the shipped copy descriptor (``copy:HEAD.npz``: another head of dinoforge copy-head).
+COPY_MODEL = "copy"
+
+
+def is_copy_model(model: str | None) -> bool:
+    """Whether ``model`` names a copy descriptor head (``copy`` or ``copy:HEAD.npz``)."""
+    return model is not None and (model == COPY_MODEL or model.startswith(COPY_MODEL + ":"))
 
 
 class EmbedConfig(StrictModel):
@@ -134,6 +141,9 @@ class CurateConfig(StrictModel):
         specs = [self.pool, *self.seeds.values(), *self.eval_sets.values()]
         if self.embed.model is None and not all(s.startswith(FEATURES_SCHEME) for s in specs):
             raise ValueError("embed.model is required unless every set is a precomputed 'features:' store")
+        if is_copy_model(self.embed.model):
+            raise ValueError("embed.model cannot be the copy descriptor: it serves dedup.model only (copy detection, "
+                             "not retrieval)")
         if self.pool.startswith(FEATURES_SCHEME) and self.dedup.model is not None:
             raise ValueError("dedup.model cannot re-embed a precomputed 'features:' pool; leave it unset")
         for name in [*self.seeds, *self.eval_sets]:

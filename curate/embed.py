@@ -20,24 +20,20 @@ from pathlib import Path
 
 from dinoforge.core.artifact import is_artifact, read_card
 from dinoforge.core.errors import CheckpointError, DataError
-from dinoforge.core.extract import ExtractConfig, FeatureStore, run_extraction
+from dinoforge.core.extract import ExtractConfig, ExternalModel, FeatureStore, run_extraction
 from dinoforge.core.fileio import sha256_file
-from dinoforge.curate.config import FEATURES_SCHEME, CurateConfig
-from dinoforge.curate.copynet import DEFAULT_HEAD, CopyDescriptor
+from dinoforge.curate.config import COPY_MODEL, FEATURES_SCHEME, CurateConfig, is_copy_model
+from dinoforge.curate.copynet import DEFAULT_HEAD, CopyDescriptor, load_head
 from dinoforge.curate.state import RunState
 
 log = logging.getLogger("dinoforge.curate")
 
 
-#: ``dedup.model`` value naming the shipped copy descriptor (``copy:HEAD.npz``: another head file).
-COPY_MODEL = "copy"
-
-
 def copy_head(model: str) -> Path | None:
     """The head file a ``copy`` / ``copy:HEAD.npz`` model names, ``None`` for any other model."""
-    if model == COPY_MODEL:
-        return DEFAULT_HEAD
-    return Path(model[len(COPY_MODEL) + 1:]).expanduser() if model.startswith(COPY_MODEL + ":") else None
+    if not is_copy_model(model):
+        return None
+    return DEFAULT_HEAD if model == COPY_MODEL else Path(model[len(COPY_MODEL) + 1:]).expanduser()
 
 
 def model_key(model: str) -> str:
@@ -47,8 +43,7 @@ def model_key(model: str) -> str:
         return "pixels"
     head = copy_head(model)
     if head is not None:
-        if not head.is_file():
-            raise CheckpointError(f"copy descriptor head {head} does not exist (train one with dinoforge copy-head)")
+        load_head(head)  # a missing or malformed head is a clear error before any embedding starts
         return sha256_file(head)[:12]
     path = Path(model).expanduser()
     if is_artifact(path):
@@ -125,9 +120,12 @@ def run_embed(state: RunState, cfg: CurateConfig, emb: Embeddings) -> dict[str, 
     """Run (or resume) every extraction job; returns rows and skipped inputs per set."""
     e = cfg.embed
     report: dict[str, object] = {}
+    copy_models: dict[Path, ExternalModel] = {}  # the backbone is loaded once for the pool and every eval set
     for spec, out, model in emb.jobs():
         head = copy_head(model)
-        external = CopyDescriptor(head, batch_size=e.batch_size).extraction_model() if head is not None else None
+        if head is not None and head not in copy_models:
+            copy_models[head] = CopyDescriptor(head, batch_size=e.batch_size).extraction_model()
+        external = copy_models[head] if head is not None else None
         job = ExtractConfig(model=model, input=spec, output=str(out), shard_size=e.shard_size,
                             features=("cls",) if head else (e.feature,), dtype="float16", format="npy",
                             preprocess=() if head else e.preprocess, batch_size=e.batch_size,

@@ -110,3 +110,16 @@ def test_curation_stage_dedups_with_the_copy_descriptor(folder: Path, tmp_path: 
     direct = desc([Image.open(p).convert("RGB") for p in table["path"]])  # dinoforge dedup's own path
     cosine = (vectors * direct).sum(axis=1) / np.linalg.norm(vectors, axis=1)
     assert cosine.min() > 0.99, cosine  # the contract's resize + float16 storage, not another descriptor
+
+
+def test_curation_copy_model_errors(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    base = {"output": str(tmp_path / "run"), "pool": str(folder), "embed": {"model": "pixels", "feature": "pixels"}}
+    cases = [({"dedup": {"model": f"copy:{tmp_path / 'missing.npz'}"}}, "does not exist"),
+             ({"embed": {"model": "copy"}}, "serves dedup.model only")]
+    for extra, message in cases:
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, **extra}))
+        assert main(["curate", "--config", str(tmp_path / "r.yaml")]) != 0
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run" / "embed").exists()  # refused before any embedding
