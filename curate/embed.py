@@ -23,7 +23,7 @@ from dinoforge.core.errors import CheckpointError, DataError
 from dinoforge.core.extract import ExtractConfig, ExternalModel, FeatureStore, run_extraction
 from dinoforge.core.fileio import sha256_file
 from dinoforge.curate.config import COPY_MODEL, FEATURES_SCHEME, CurateConfig, is_copy_model
-from dinoforge.curate.copynet import DEFAULT_HEAD, CopyDescriptor, load_head
+from dinoforge.curate.copynet import COPY_FEATURE, DEFAULT_HEAD, CopyDescriptor, load_head
 from dinoforge.curate.state import RunState
 
 log = logging.getLogger("dinoforge.curate")
@@ -70,8 +70,8 @@ class Embeddings:
         self.dedup_model = cfg.dedup.model or cfg.embed.model
         self.shared = self.dedup_model == self.retrieval_model or \
             model_key(str(self.dedup_model)) == model_key(str(self.retrieval_model))
-        #: feature the dedup and relative steps read: a copy descriptor's vectors are its ``cls`` feature
-        self.dedup_feature = "cls" if copy_head(str(self.dedup_model)) is not None else cfg.embed.feature
+        #: feature the dedup and relative steps read: a copy descriptor's vectors are its COPY_FEATURE
+        self.dedup_feature = COPY_FEATURE if copy_head(str(self.dedup_model)) is not None else cfg.embed.feature
 
     def keys(self) -> dict[str, str]:
         """Model keys of the retrieval and dedup embeddings (what the steps' fingerprints depend on)."""
@@ -127,7 +127,7 @@ def run_embed(state: RunState, cfg: CurateConfig, emb: Embeddings) -> dict[str, 
             copy_models[head] = CopyDescriptor(head, batch_size=e.batch_size).extraction_model()
         external = copy_models[head] if head is not None else None
         job = ExtractConfig(model=model, input=spec, output=str(out), shard_size=e.shard_size,
-                            features=("cls",) if head else (e.feature,), dtype="float16", format="npy",
+                            features=(COPY_FEATURE,) if head else (e.feature,), dtype="float16", format="npy",
                             preprocess=() if head else e.preprocess, batch_size=e.batch_size,
                             num_workers=e.num_workers, device=e.device, autocast=e.autocast,
                             progress=state.info.is_main)
