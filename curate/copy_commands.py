@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", help="npz cache of the view features (reused by a rerun)")
     p.add_argument("--linkage", choices=LINKAGES, default="kept",
                    help="grouping rule the threshold is calibrated for, and that dedup then uses (default kept)")
+    p.add_argument("--folds", type=int, default=4,
+                   help="cross-fitting folds of the calibration (each calibrated on a head that never saw it)")
     p.add_argument("--min-precision", type=float, default=0.95,
                    help="precision of the simulated dedup that sets the threshold (default 0.95)")
     p.set_defaults(func=_copy_head)
@@ -58,20 +60,24 @@ def _dedup(args: argparse.Namespace) -> int:
 
 
 def _copy_head(args: argparse.Namespace) -> int:
-    from dinoforge.curate.copyhead import train_head
+    from dinoforge.curate.copyhead import HeadSettings, train_head
     from dinoforge.curate.dedup_tool import check_output
 
     if not 0.0 < args.min_precision <= 1.0:
         raise ConfigError(f"--min-precision must be in (0, 1], got {args.min_precision}")
+    if args.folds < 2:
+        raise ConfigError(f"--folds must be at least 2, got {args.folds}")
     if args.size < 32:
         raise ConfigError(f"--size must be at least 32 pixels, got {args.size}")
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder: give the path of the head file to write (.npz)")
     check_output(out.parent)  # before the minutes of embedding, not after
-    record = train_head(args.photos, args.out, views=args.views, size=args.size, steps=args.steps, cache=args.cache,
-                        max_images=args.max_images, min_precision=args.min_precision, linkage=args.linkage)
-    print(f"wrote {args.out}: threshold {record['threshold']:.3f}: a simulated dedup of "
-          f"{record['calibration_images']} held-out photos with {record['calibration_copies']} copies finds "
-          f"{record['copy_recall_at_threshold']:.3f} of them at precision {record['precision_at_threshold']:.3f}")
+    record = train_head(args.photos, args.out, views=args.views, size=args.size, cache=args.cache,
+                        settings=HeadSettings(steps=args.steps), folds=args.folds, max_images=args.max_images,
+                        min_precision=args.min_precision, linkage=args.linkage)
+    print(f"wrote {args.out}: threshold {record['threshold']:.3f}: simulated dedups of "
+          f"{record['calibration_images']} photos in {record['folds']} folds, each against a head that never saw "
+          f"it, with {record['calibration_copies']} copies, find {record['copy_recall_at_threshold']:.3f} of them "
+          f"at precision {record['precision_at_threshold']:.3f}")
     return 0

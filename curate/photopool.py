@@ -57,6 +57,7 @@ class PoolImage:
     split: Split
     box: tuple[float, float] | None = None
     group: str = ""  # twins share it (the smallest id among them); "" for small photos
+    side: str = ""  # the key its split is drawn from: twins and both strips of a wallpaper share it
 
     def load(self) -> Image.Image:
         """The image (RGB), cut to its strip when it has one."""
@@ -135,7 +136,7 @@ def photo_pool(photos_dir: str | Path, *, min_side: int = 128, train_percent: in
         side_key[side[k]] = min(side_key.get(side[k], out[c].group), out[c].group)
     for k, c in enumerate(cands):
         split: Split = "flat" if flat[k] else split_of(side_key[side[k]], train_percent)
-        out[c] = replace(out[c], split=split, group=group_key[group[k]])
+        out[c] = replace(out[c], split=split, group=group_key[group[k]], side=side_key[side[k]])
     return out
 
 
