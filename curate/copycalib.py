@@ -27,6 +27,8 @@ from dinoforge.curate.copynet import RawFeatures, embed_views
 from dinoforge.curate.linkage import Linkage, group_edges
 from dinoforge.curate.photopool import PoolImage
 
+#: Neighbours per image of the simulated dedup, as ``dinoforge dedup`` searches by default.
+NEIGHBOURS = 16
 #: The benchmark's edit families the calibration copies use (the unseen ones stay unseen).
 SEEN_FAMILIES = tuple(f for f in edits.FAMILIES if f not in edits.UNSEEN)
 
@@ -36,7 +38,7 @@ def copy_views(images: list[PoolImage], raw: RawFeatures, seed: int) -> np.ndarr
     return embed_views(images, raw, lambda im, rng: [edits.apply(f, im, rng) for f in SEEN_FAMILIES], seed)
 
 
-def simulate_dedup(clean: np.ndarray, copies: np.ndarray, others: np.ndarray, groups: list[str], *, k: int = 16,
+def simulate_dedup(clean: np.ndarray, copies: np.ndarray, others: np.ndarray, groups: list[str], *, k: int = NEIGHBOURS,
                    linkage: Linkage = "kept", grid: np.ndarray | None = None) -> np.ndarray:
     """The dedup step's removals along a list of thresholds, scored against the injected copies.
 
@@ -88,7 +90,7 @@ def pick_threshold(counts: np.ndarray, min_precision: float) -> dict[str, Any]:
 
 
 def calibrate_dedup(clean: np.ndarray, copies: np.ndarray, others: np.ndarray, groups: list[str], *,
-                    min_precision: float = 0.95, k: int = 16, linkage: Linkage = "kept",
+                    min_precision: float = 0.95, k: int = NEIGHBOURS, linkage: Linkage = "kept",
                     grid: np.ndarray | None = None) -> dict[str, Any]:
     """Lowest threshold whose simulated dedup of one photo set reaches ``min_precision``
     (:func:`simulate_dedup` then :func:`pick_threshold`; arguments as there)."""
@@ -98,4 +100,4 @@ def calibrate_dedup(clean: np.ndarray, copies: np.ndarray, others: np.ndarray, g
             "calibration_images": int(m), "calibration_copies": int(m * v), "calibration_distractors": len(others)}
 
 
-__all__ = ["SEEN_FAMILIES", "calibrate_dedup", "copy_views", "pick_threshold", "simulate_dedup"]
+__all__ = ["NEIGHBOURS", "SEEN_FAMILIES", "calibrate_dedup", "copy_views", "pick_threshold", "simulate_dedup"]

@@ -15,9 +15,9 @@ raw features in seconds:
    originals do) fall into ``folds`` folds; each fold, with benchmark-style copies of its photos, goes
    through a simulated dedup (:mod:`~.copycalib`) against a head fitted on every other photo, and the
    removals of all folds are summed. The threshold is the lowest at which they reach ``min_precision``; the
-   record keeps the recall there, each fold's size and the whole curve. The shipped head is then fitted on
-   every photo. One held-out fold of a quarter of the originals gave thresholds from 0.28 to 0.33 depending
-   on which quarter; summed folds use every original and move by 0.01.
+   record keeps the recall there, each fold's size and threshold and the whole curve. The head is then
+   fitted on every photo. A single held-out share of the originals chose 0.28-0.33 depending on its size
+   (25-60 %); the sum of folds uses every original (docs/curation.md).
 
 The head is the product of both linear maps (``proj = whiten @ head``), saved with :func:`~.copynet.save_head`.
 """
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from dinoforge.core.errors import ConfigError, DataError
-from dinoforge.curate.copycalib import copy_views, pick_threshold, simulate_dedup
-from dinoforge.curate.copynet import RawFeatures, embed_views, save_head
+from dinoforge.curate.copycalib import NEIGHBOURS, copy_views, pick_threshold, simulate_dedup
+from dinoforge.curate.copynet import RawFeatures, embed_views, project, save_head
 from dinoforge.curate.descriptor import info_nce, koleo
 from dinoforge.curate.edits import training_view
 from dinoforge.curate.linkage import Linkage
@@ -133,12 +133,6 @@ class HeadSettings:
         return mean, whiten @ head
 
 
-def unit_descriptors(x: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> np.ndarray:
-    """L2-normalised descriptors ``(x - mean) @ proj`` of raw features ``[..., D_raw]``."""
-    z = (x - mean) @ proj
-    return z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-
-
 def fold_of(item: PoolImage, folds: int) -> int:
     """The cross-fitting fold of a photo, from its split key: twins and both strips of a wallpaper share one,
     so no fold's head has trained on a twin or the other strip of a photo it calibrates on."""
@@ -163,8 +157,8 @@ def cross_fit(pool: list[PoolImage], originals: np.ndarray, fit_x: np.ndarray, c
         rest = np.setdiff1d(np.arange(len(pool)), held)
         mean, proj = settings.fit(fit_x[rest])
         cal = cal_x[fold == f]  # [m_f, 1+F, D_raw]
-        counts = simulate_dedup(unit_descriptors(cal[:, 0], mean, proj), unit_descriptors(cal[:, 1:], mean, proj),
-                                unit_descriptors(fit_x[rest, 0], mean, proj), [pool[i].group for i in held],
+        counts = simulate_dedup(project(cal[:, 0], mean, proj), project(cal[:, 1:], mean, proj),
+                                project(fit_x[rest, 0], mean, proj), [pool[i].group for i in held],
                                 linkage=linkage)
         report.append({"images": int(held.size), "threshold": pick_threshold(counts, min_precision)["threshold"]})
         log.info("copy-head: fold %d/%d (%d photos): alone it would choose %.2f", f + 1, folds, held.size,
@@ -212,7 +206,7 @@ def train_head(photos: str | Path, out: str | Path, *, views: int = 2, size: int
         "dim": int(proj.shape[1]), "train_images": len(pool), "photos": str(photos),
         "backbone": "MobileNetV2 (ImageNet, frozen)",
         "method": "multi-layer GeM -> shrunk PCA whitening -> InfoNCE + KoLeo linear head",
-        **pick_threshold(counts, min_precision), "linkage": linkage, "k": 16,
+        **pick_threshold(counts, min_precision), "linkage": linkage, "k": NEIGHBOURS,
         "calibration": "cross-fitted simulated dedup", "folds": folds, "fold_calibrations": fold_report,
         "calibration_images": int(originals.size), "calibration_copies": int(originals.size * (cal_x.shape[1] - 1))}
     record["seconds"] = round(time.perf_counter() - started, 1)
@@ -220,5 +214,5 @@ def train_head(photos: str | Path, out: str | Path, *, views: int = 2, size: int
     return record
 
 
-__all__ = ["HeadSettings", "cross_fit", "fold_of", "train_head", "train_linear_head", "unit_descriptors",
-           "view_features", "whitening"]
+__all__ = ["HeadSettings", "cross_fit", "fold_of", "train_head", "train_linear_head", "view_features",
+           "whitening"]

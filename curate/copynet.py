@@ -129,6 +129,12 @@ def embed_views(images: Sequence[PoolImage], raw: RawFeatures,
     return out if out is not None else np.zeros((0, 1, raw.dim), np.float32)
 
 
+def project(raw: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    """Unit descriptors ``(raw - mean) @ proj`` of raw features ``[..., D_raw]`` -> ``[..., D]``."""
+    z = (raw - mean) @ proj
+    return z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+
+
 class CopyDescriptor:
     """The full descriptor: raw features, then ``(raw - mean) @ proj``, L2-normalised.
 
@@ -157,8 +163,7 @@ class CopyDescriptor:
 
     def project(self, raw: np.ndarray) -> np.ndarray:
         """``[N, D_raw] -> [N, D]`` unit vectors."""
-        z = (raw - self.mean) @ self.proj
-        return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return project(raw, self.mean, self.proj).astype(np.float32)
 
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Descriptors ``[N, D]`` of RGB images."""
@@ -217,5 +222,6 @@ def batched(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
         yield batch
 
 
-__all__ = ["COPY_FEATURE", "DEFAULT_HEAD", "CopyDescriptor", "RawFeatures", "batched", "embed_views", "gem", "load_head", "load_mobilenet",
+__all__ = ["COPY_FEATURE", "DEFAULT_HEAD", "CopyDescriptor", "RawFeatures", "batched", "embed_views", "gem", "load_head",
+           "load_mobilenet", "project",
            "save_head", "to_batch"]
