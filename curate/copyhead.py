@@ -196,6 +196,9 @@ def train_head(photos: str | Path, out: str | Path, *, views: int = 2, size: int
     # calibration originals are photos that qualify as originals (split "train"), as the benchmark's do;
     # small photos (stamps, sprites) never are: they only train the projection and stand as distractors
     originals = np.array([i for i, p in enumerate(pool) if p.split == "train"], dtype=np.int64)
+    if originals.size < folds:  # before the minutes of embedding
+        raise DataError(f"{photos} holds {originals.size} photos that qualify as originals (shorter side >= 128 "
+                        f"px, not flat), fewer than the {folds} calibration folds")
     raw = RawFeatures(size)
     fit_x, cal_x = _cached_features(pool, [pool[i] for i in originals], raw, views, settings.seed, cache)
     counts, fold_report = cross_fit(pool, originals, fit_x, cal_x, settings, folds, linkage, min_precision)

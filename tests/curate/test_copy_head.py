@@ -141,6 +141,9 @@ def test_copy_head_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "--folds must be at least 2" in capsys.readouterr().err
     assert main(["copy-head", "--photos", str(photos), "--out", str(tmp_path / "h.npz"), "--size", "8"]) != 0
     assert "--size" in capsys.readouterr().err
+    two = tiny_photos(tmp_path / "two", PHOTOS[:2])  # at most two originals cannot fill four calibration folds
+    assert main(["copy-head", "--photos", str(two), "--out", str(tmp_path / "h.npz")]) != 0
+    assert "fewer than the 4 calibration folds" in capsys.readouterr().err
     (tmp_path / "afile").write_text("a file, not a folder")
     assert main(["copy-head", "--photos", str(photos), "--out", str(tmp_path / "afile" / "h.npz")]) != 0
     assert "cannot create output folder" in capsys.readouterr().err
