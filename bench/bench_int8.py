@@ -1,6 +1,7 @@
 """int8 variants against fp32 on ONNX Runtime's CPU provider: throughput at one batch size, k-NN drop.
 
-    python bench/bench_int8.py [--artifact DIR ...] [--batch 8] [--threads 2] [--iters 20] [--knn-images 1000]
+    python bench/bench_int8.py [--artifact DIR ...] [--batch 8] [--threads 2] [--iters 20] [--rounds 5]
+                               [--knn-images 1000]
     python bench/bench_int8.py --quick      # smoke test: the tiny test model, 2 iterations, 40 k-NN images
 
 Without ``--artifact`` it runs a random ViT-S/14 at 224 px (speed only: its k-NN numbers mean nothing) and the
@@ -9,19 +10,21 @@ Random weights get small non-zero biases: a fresh init's zero biases are dropped
 would hide the bias ``Add`` nodes every trained model has and the fusions need. For each model the fp32 graph of
 ``dinoforge export onnx`` is quantized several ways (``export/quantize.py``):
 
-* ``fused fp32`` — ONNX Runtime's transformer fusions alone: one ``Attention`` per block, skip + LayerNorm,
-  bias + GELU;
-* ``qdq`` — today's export default: static QDQ, uint8 activations, per-channel int8 weights, weight matmuls;
-* ``dynamic`` / ``fused+dynamic`` — dynamic quantization (no calibration) of the weight matmuls, and in the
-  fused graph of each ``Attention`` too (``QAttention``); ``fused+dynamic-per-tensor``: one weight scale per
-  tensor;
-* ``mha+qdq`` / ``mha+qoperator`` / ``mha+dynamic`` — the fusions with ``MultiHeadAttention`` (q / k / v
-  projections stay ``MatMul`` nodes, which static quantization reaches), then static QDQ, static QOperator
-  (``QLinearMatMul``) or dynamic;
-* for a model with a convolutional stem, ``mha+qoperator+convs`` — the stem and patch convolutions int8 too.
+* ``fp32 +SkipLN`` — the fp32 graph in a session with ONNX Runtime's ``SkipLayerNormFusion`` on (its default;
+  dinoforge's sessions turn it off, ``core/ort_session.py``); ``fused fp32`` — ONNX Runtime's transformer
+  fusions alone: one ``Attention`` per block, bias + GELU;
+* ``qdq`` — the export default (``--int8-scheme cpu``): static QDQ, uint8 activations, per-channel int8
+  weights, weight matmuls;
+* ``dynamic`` (``--int8-scheme dynamic``) — the fusions, then dynamic int8 (no calibration) of every weight
+  matmul and fused ``Attention`` (``QAttention``); ``dynamic, unfused`` without the fusions;
+  ``dynamic +SkipLN`` with ``SkipLayerNormalization`` fused too, as ONNX Runtime's fusion pass does by default;
+* for a model with a convolutional stem: ``mixed`` (``--int8-scheme mixed``) — ``dynamic`` plus the stem
+  static int8 end to end (convolutions, ReLU6, residual adds; the image's convolution float); ``qdq+convs`` —
+  ``qdq`` plus the same stem.
 
-Each graph runs in its own session (``--threads`` intra-op threads) on ``--batch`` real images: the median of
-``--iters`` timed runs gives img/s and the speed-up over fp32; min cosine of the CLS embedding against fp32 on
+Each graph runs in its own session (``--threads`` intra-op threads) on ``--batch`` real images, timed in
+``--rounds`` interleaved rounds of ``--iters`` runs: the median over rounds of each round's median gives img/s
+and the speed-up over fp32 (this VM's speed drifts; interleaving spreads the drift over every graph); min cosine of the CLS embedding against fp32 on
 the same images; DINOv2 k-NN top-1 on Fashion-MNIST (``--knn-images`` train as index, as many test as queries)
 and the drop against fp32 in points. Targets (issue "Edge runtime"): int8 >= 2.0x fp32 at batch 8 with
 2 threads, drop <= 0.5 pt. Run it on a quiet machine.
@@ -45,47 +48,45 @@ from bench_export import _random_artifacts, _time
 
 from dinoforge.core.artifact import Artifact, load_artifact
 from dinoforge.core.onnx_contract import CLS_OUTPUT, MEAN_OUTPUT
+from dinoforge.core.ort_session import create_session
 from dinoforge.core.pooling import pool
 from dinoforge.export.graph import ExportableViT
 from dinoforge.export.onnx_export import export_module
 from dinoforge.export.parity import knn_predict, run_session
 from dinoforge.export.parity_data import default_image_dir, load_fmnist_knn, load_images, pixels_to_input, to_pixels
-from dinoforge.export.parity_eval import session_for
-from dinoforge.export.quantize import fuse_transformer, quantize_dynamic_int8, quantize_int8
+from dinoforge.export.quantize import (conv_stem_nodes, fuse_transformer, quantize_dynamic_int8, quantize_int8,
+                                       quantize_mixed_int8)
 
 DEMO_STUDENT = Path(__file__).resolve().parents[1] / "runs/demo/distill/artifacts/vit192"  # `make demo` step 3
 
 
-def variants(fp32: onnx.ModelProto, calib: np.ndarray, art: Artifact) -> tuple[dict[str, onnx.ModelProto],
-                                                                              dict[str, dict[str, int]]]:
-    """Every graph to compare (fp32 first) and the fused-operator counts of both fusion passes."""
+Graphs = dict[str, tuple[onnx.ModelProto, bool]]
+
+
+def variants(fp32: onnx.ModelProto, calib: np.ndarray, art: Artifact) -> tuple[Graphs, dict[str, int]]:
+    """Every graph to compare (fp32 first) with its session's SkipLayerNormFusion flag, and the fusion counts."""
     arch = art.card.architecture
     fused, stats = fuse_transformer(fp32, arch.num_heads, arch.embed_dim)
-    mha, mha_stats = fuse_transformer(fp32, arch.num_heads, arch.embed_dim, attention="mha")
-    builders: dict[str, Callable[[], onnx.ModelProto]] = {
-        "fp32": lambda: fp32,
-        "fused fp32": lambda: fused,
-        "qdq": lambda: quantize_int8(fp32, calib),
-        "dynamic": lambda: quantize_dynamic_int8(fp32),
-        "fused+dynamic": lambda: quantize_dynamic_int8(fused),
-        "fused+dynamic-per-tensor": lambda: quantize_dynamic_int8(fused, per_channel=False),
-        "mha+qdq": lambda: quantize_int8(mha, calib),
-        "mha+qoperator": lambda: quantize_int8(mha, calib, quant_format="qoperator"),
-        "mha+dynamic": lambda: quantize_dynamic_int8(mha),
+    with_skip, _ = fuse_transformer(fp32, arch.num_heads, arch.embed_dim, skip_layer_norm=True)
+    builders: dict[str, tuple[Callable[[], onnx.ModelProto], bool]] = {
+        "fp32": (lambda: fp32, False),
+        "fp32 +SkipLN": (lambda: fp32, True),
+        "fused fp32": (lambda: fused, False),
+        "qdq (cpu)": (lambda: quantize_int8(fp32, calib), False),
+        "dynamic, unfused": (lambda: quantize_dynamic_int8(fp32), False),
+        "dynamic": (lambda: quantize_dynamic_int8(fused), False),
+        "dynamic +SkipLN": (lambda: quantize_dynamic_int8(with_skip), True),
     }
-    if sum(n.op_type == "Conv" for n in fp32.graph.node) > 1:  # a stem besides the patch projection
-        # The stem's frozen norms are folded into its convolutions by the export, so each conv chains into its
-        # Clip (ReLU6) and the next conv: the pattern that static int8 turns into QLinearConv end to end.
-        builders["qdq+convs"] = lambda: quantize_int8(fp32, calib, convs=True)
-        builders["qoperator+convs"] = lambda: quantize_int8(fp32, calib, quant_format="qoperator", convs=True)
-        builders["mha+qoperator+convs"] = lambda: quantize_int8(mha, calib, quant_format="qoperator", convs=True)
+    if conv_stem_nodes(fp32):
+        builders["mixed"] = (lambda: quantize_mixed_int8(fp32, calib, arch.num_heads, arch.embed_dim), False)
+        builders["qdq+convs"] = (lambda: quantize_int8(fp32, calib, convs=True), False)
     out = {}
-    for name, build in builders.items():
+    for name, (build, skip_ln) in builders.items():
         try:
-            out[name] = build()
+            out[name] = (build(), skip_ln)
         except Exception as err:  # noqa: BLE001 - a variant ONNX Runtime cannot build is a result, not a crash
             print(f"  {name}: not built: {type(err).__name__}: {err}", flush=True)
-    return out, {"attention": stats, "mha": mha_stats}
+    return out, stats
 
 
 def trained_like_biases(backbone: torch.nn.Module, seed: int = 0) -> None:
@@ -113,6 +114,18 @@ def knn_accuracy(session: Any, x: np.ndarray, train_y: torch.Tensor, test_y: tor
     return float((pred == test_y).double().mean())
 
 
+def _throughput(sessions: dict[str, Any], x: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+    """img/s of every session: ``--rounds`` rounds, each timing every graph in turn (so machine drift hits all
+    alike), median of ``--iters`` runs per round; the median over rounds."""
+    per_round: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(args.rounds):
+        for name, s in sessions.items():
+            seconds = statistics.median(_time(lambda s=s: s.run([CLS_OUTPUT], {s.get_inputs()[0].name: x}),
+                                              args.iters))
+            per_round[name].append(args.batch / seconds)
+    return {name: statistics.median(v) for name, v in per_round.items()}
+
+
 def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Every variant of one artifact: img/s, speed-up, cosine and k-NN drop against fp32."""
     art = load_artifact(path)
@@ -130,24 +143,25 @@ def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.knn_images and (args.quick or not random_init):  # random weights: k-NN is meaningless, skip its cost
         train, train_y, test, test_y = load_fmnist_knn(limit=args.knn_images)
         knn = (pixels_to_input(to_pixels(train + test, pre, hw), pre).numpy(), train_y, test_y)
+    sessions = {name: create_session(model.SerializeToString(), threads=args.threads, skip_layer_norm_fusion=flag)
+                for name, (model, flag) in graphs.items()}
     rows: list[dict[str, Any]] = []
     ref = None
-    for name, model in graphs.items():
-        session = session_for(model, args.threads)
-        seconds = statistics.median(_time(lambda s=session: s.run([CLS_OUTPUT], {s.get_inputs()[0].name: x}),
-                                          args.iters))
+    for name, session in sessions.items():
         cls = run_session(session, x, args.batch)[CLS_OUTPUT]
         ref = cls if ref is None else ref
-        row = {"variant": name, "img_per_s": args.batch / seconds, "bytes": model.ByteSize(),
+        row = {"variant": name, "bytes": graphs[name][0].ByteSize(),
                "min_cosine_vs_fp32": float(torch.nn.functional.cosine_similarity(cls, ref).min())}
         if knn is not None:
             row["knn_accuracy"] = knn_accuracy(session, knn[0], knn[1], knn[2], art.card.default_pooling)
         rows.append(row)
-        print(f"  {art.card.name:>16s} {name:24s} {row['img_per_s']:9.1f} img/s", flush=True)
+    speeds = _throughput(sessions, x, args)
     for row in rows:
+        row["img_per_s"] = speeds[row["variant"]]
         row["speedup_vs_fp32"] = row["img_per_s"] / rows[0]["img_per_s"]
         if knn is not None:
             row["knn_drop_pt"] = 100 * (rows[0]["knn_accuracy"] - row["knn_accuracy"])
+        print(f"  {art.card.name:>16s} {row['variant']:24s} {row['img_per_s']:9.1f} img/s", flush=True)
     return {"artifact": art.card.name, "resolution": pre.size, "random_weights": random_init,
             "fused_operators": stats, "rows": rows}
 
@@ -168,13 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact", type=Path, action="append", default=[])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=20, help="timed runs per graph and round (default 20)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     parser.add_argument("--knn-images", type=int, default=1000, help="0 disables the k-NN check")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 iterations, 40 k-NN images")
     args = parser.parse_args(argv)
     if args.quick:
-        args.iters, args.knn_images = 2, min(args.knn_images, 40)
+        args.iters, args.rounds, args.knn_images = 2, 1, min(args.knn_images, 40)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = args.artifact or default_artifacts(Path(tmp), args.quick)

@@ -28,6 +28,7 @@ from dinoforge.core.eval.model import PIXEL_CONTRACT, EvalModel, load_eval_model
 from dinoforge.core.eval.runner import run_knn
 from dinoforge.core.fileio import atomic_write_json
 from dinoforge.core.onnx_contract import CLS_OUTPUT, MEAN_OUTPUT
+from dinoforge.core.ort_session import create_session
 from dinoforge.core.pooling import pool
 from dinoforge.core.preprocess import PreprocessConfig
 from dinoforge.distill.config import DistillConfig, TeacherConfig
@@ -53,9 +54,7 @@ class OnnxExtractor:
     """``{pooling: [B, D']}`` from an exported graph's class and mean outputs (onnxruntime, CPU)."""
 
     def __init__(self, graph: Path, pooling: str = "cls") -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        self.session = create_session(graph)
         self.input_name = self.session.get_inputs()[0].name
         self.pooling = pooling
 

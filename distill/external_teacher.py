@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinoforge.core.errors import CheckpointError, ConfigError
+from dinoforge.core.ort_session import create_session
 # The weights-file helpers live in core (the curation stage uses them too); re-exported for distill's modules.
 from dinoforge.core.pretrained_cnn import (inference_ready, load_strict, locate_weights,  # noqa: F401
                                            read_state_dict, rename_by_order)
@@ -187,10 +188,8 @@ class OnnxTeacher(ExternalTeacher):
     def __init__(self, path: Path, views: ViewNorm, mean: Sequence[float], std: Sequence[float],
                  size: int) -> None:
         super().__init__(views, mean, std, size)
-        import onnxruntime as ort
-
         try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.session = create_session(path)
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own family for bad files
             raise CheckpointError(f"teacher.weights {path} is not a loadable ONNX model: {err}") from None
         self.input_name = self.session.get_inputs()[0].name

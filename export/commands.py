@@ -31,10 +31,12 @@ def _add_graph_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch-tokens", action="store_true", help="also output the patch tokens")
     p.add_argument("--calibration", type=Path, help="image folder for int8 calibration (static int8 schemes)")
     p.add_argument("--calibration-limit", type=int, default=64, help="calibration images (default 64)")
-    p.add_argument("--int8-scheme", choices=["cpu", "tensorrt", "dynamic"], default="cpu",
+    p.add_argument("--int8-scheme", choices=["cpu", "tensorrt", "dynamic", "mixed"], default="cpu",
                    help="int8 activations: cpu = static uint8 asymmetric (ONNX Runtime), tensorrt = static int8 "
-                        "symmetric (TensorRT / trtexec), dynamic = quantized per batch at run time, no "
-                        "calibration (fastest on ONNX Runtime's x86 CPU provider; not for TensorRT)")
+                        "symmetric (TensorRT / trtexec), dynamic = fused attention, quantized per batch at run "
+                        "time, no calibration (fast on ONNX Runtime's x86 CPU provider), mixed = dynamic plus a "
+                        "static int8 conv stem (fastest there for hybrid ViTs); dynamic and mixed are not for "
+                        "TensorRT")
 
 
 def _add_parity_flags(p: argparse.ArgumentParser) -> None:

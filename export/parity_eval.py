@@ -10,6 +10,7 @@ import torch
 
 from dinoforge.core.artifact import Artifact
 from dinoforge.core.onnx_contract import CLS_OUTPUT, EMBEDDING_OUTPUTS, MEAN_OUTPUT
+from dinoforge.core.ort_session import create_session
 from dinoforge.core.pooling import pool
 from dinoforge.core.preprocess import PreprocessConfig
 from dinoforge.export.parity import compare, knn_report, reference_outputs, run_session, time_session
@@ -27,11 +28,7 @@ def graph_inputs(images: list[torch.Tensor], pre: PreprocessConfig, hw: tuple[in
 
 def session_for(model: onnx.ModelProto, threads: int = 0) -> Any:
     """A CPU onnxruntime session for an in-memory graph (``threads`` 0: onnxruntime's default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return create_session(model.SerializeToString(), threads=threads)
 
 
 def _parity_runs(session: Any, inputs: np.ndarray, ref: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dinoforge.export.parity import ParityThresholds, gate
 from dinoforge.export.parity_data import (FMNIST_DEFAULT, ParityInputs, default_image_dir, load_fmnist_knn,
                                           load_images)
 from dinoforge.export.parity_eval import evaluate_graph, graph_inputs
-from dinoforge.export.quantize import Int8Scheme, quantize_dynamic_int8, quantize_int8
+from dinoforge.export.quantize import Int8Scheme, quantize_graph
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class OnnxExportOptions(StrictModel):
     exporter: Exporter = "auto"
     calibration: Path | None = None
     calibration_limit: int = Field(64, gt=0)
-    int8_scheme: Int8Scheme = Field("cpu", description="static uint8 (ORT CPU), static int8 symmetric (TRT) or "
-                                    "dynamic (ORT CPU, no calibration)")
+    int8_scheme: Int8Scheme = Field("cpu", description="static uint8 (ORT CPU), static int8 symmetric (TRT), "
+                                    "dynamic (ORT CPU, no calibration) or mixed (ORT CPU, conv stems)")
     parity_images: Path | None = None
     parity_limit: int = Field(100, gt=0)
     knn_data: Path | None = FMNIST_DEFAULT
@@ -78,11 +78,10 @@ def _build_graph(art: Artifact, hw: tuple[int, int], opts: OnnxExportOptions, in
     fp32_model = None
     if opts.precision == "int8":
         fp32_model = model
-        if opts.int8_scheme == "dynamic":
-            model = quantize_dynamic_int8(fp32_model)
-        else:
-            calib = graph_inputs(inputs.calibration, art.card.preprocessing, hw, opts.embed_preprocessing)
-            model = quantize_int8(fp32_model, calib, scheme=opts.int8_scheme)
+        calib = None if opts.int8_scheme == "dynamic" else \
+            graph_inputs(inputs.calibration, art.card.preprocessing, hw, opts.embed_preprocessing)
+        arch = art.card.architecture
+        model = quantize_graph(fp32_model, opts.int8_scheme, calib, arch.num_heads, arch.embed_dim)
     card = art.card.model_dump(mode="json")
     meta = export_metadata(module, card, precision=opts.precision, exporter=used, opset=opts.opset)
     for proto in (model, fp32_model):

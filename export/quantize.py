@@ -1,38 +1,36 @@
-"""INT8: onnxruntime static quantization (QDQ), calibrated on real images.
+"""INT8 for ONNX Runtime and TensorRT: static QDQ calibrated on real images, dynamic, and the two mixed.
 
-Choices and why:
+The export's ``--int8-scheme`` (:func:`quantize_graph`):
 
-* QDQ format with per-channel symmetric int8 weights and one of two activation schemes:
-  ``cpu`` (default) — asymmetric uint8 activations, the u8s8 kernels onnxruntime's x86 CPU provider is fast
-  with (measured ~2x over fp32 on ViT-S/14, while s8s8 gave no speed-up on the same machine);
-  ``tensorrt`` — symmetric int8 activations, every zero point 0, which TensorRT requires of Q/DQ nodes;
-* only ``MatMul``/``Gemm`` nodes whose second input is a weight initializer are quantized: the attention
-  score products (activation x activation), LayerNorm, Softmax, GELU and the patch projection stay float,
-  which is where ViT quantization error concentrates;
-* calibration: MinMax by default (fast, and robust on the small calibration sets used here); percentile
-  and entropy are available for models with activation outliers.
+* ``cpu`` (default) — static QDQ of the weight matmuls, per-channel symmetric int8 weights, asymmetric uint8
+  activations (the u8s8 kernels ONNX Runtime's x86 CPU provider is fast with; s8s8 gave no speed-up). Plain
+  ONNX Q/DQ nodes that every ONNX Runtime provider runs;
+* ``tensorrt`` — the same with symmetric int8 activations, every zero point 0, as TensorRT requires;
+* ``dynamic`` — no calibration: ONNX Runtime's transformer fusions (:func:`fuse_transformer`: one ``Attention``
+  per block, bias + GELU), then every weight matmul (``DynamicQuantizeMatMul``) and attention (``QAttention``:
+  int8 qkv projection, float softmax) int8, activations quantized per batch at run time;
+* ``mixed`` — ``dynamic`` plus a convolutional stem static int8 end to end (:func:`conv_stem_nodes`), for
+  hybrid ViTs whose stem is a large share of the time.
 
-``dynamic`` (:func:`quantize_dynamic_int8`, the export's ``--int8-scheme dynamic``): no calibration, activations
-quantized per batch at run time; the fastest on ONNX Runtime's x86 CPU provider for ViTs (ViT-S/14 2.31x fp32 where
-static QDQ gave 1.84x, docs/benchmarks.md), not readable by TensorRT. The export default stays the static QDQ
-``cpu`` scheme: calibrated, plain ONNX Q/DQ nodes that every ONNX Runtime provider runs, and the same graph
-as the TensorRT form (``tensorrt``) up to its activation zero points.
+``dynamic`` and ``mixed`` use ``com.microsoft`` operators: ONNX Runtime only, not TensorRT. Measured on the
+2-core Xeon (docs/edge.md): ViT-S/14 ``dynamic`` 2.7x fp32 where ``cpu`` gave 1.8x; the hybrid demo student
+``mixed`` about 1.75x.
 
-The variants ``bench/bench_int8.py`` compares: ONNX Runtime's transformer fusions first (:func:`fuse_transformer`:
-one ``Attention`` node per block — the fp32 graph of :class:`~dinoforge.export.graph.ExportableViT` is written
-in the form the fusion matches —, ``SkipLayerNormalization``, ``BiasGelu``), the QOperator format instead of QDQ,
-per-tensor instead of per-channel weights, and dynamic quantization (activations quantized per batch at run
-time, no calibration). Which ops each path turns int8:
+Why these choices:
 
-* dynamic: every weight matmul (``DynamicQuantizeMatMul`` once ONNX Runtime fuses it) and the fused
-  ``Attention`` (``QAttention``: int8 qkv projection, float softmax);
-* static (QDQ / QOperator): weight matmuls only — ONNX Runtime has no static quantized ``Attention``, so the
-  static variants fuse to ``MultiHeadAttention`` (``attention="mha"``), which keeps the q / k / v projections
-  as plain ``MatMul`` nodes the quantizer reaches;
-* always float: LayerNorm / SkipLayerNorm, Softmax, GELU, the attention score products, and convolutions
-  (patch projection, conv or MobileNetV2 stem) unless ``convs=True``: ONNX Runtime's dynamic ``ConvInteger``
-  has no fast CPU kernel and int8 depthwise convolutions are often slower than fp32 on x86, while the stem
-  is a small share of a hybrid model's compute — the bench times the option.
+* only weight matmuls (and a stem, if asked) are quantized: the attention score products, LayerNorm, softmax
+  and GELU stay float, which is where ViT quantization error concentrates;
+* residual ``Add`` + LayerNorm are not fused into ``SkipLayerNormalization``: its CPU kernel is slower than
+  the pair (``dinoforge.core.ort_session``);
+* a stem is quantized with its ReLU6 and residual adds, so ``QLinearConv`` chains into ``QLinearConv``;
+  convolutions alone leave a dequantize / requantize pair around every activation, which cost more than int8
+  saved. The image's own convolution (3 input channels) stays float. ONNX Runtime's dynamic ``ConvInteger``
+  has no fast CPU kernel, so the stem is always static;
+* calibration: MinMax by default (fast, and robust on the small calibration sets used here); percentile and
+  entropy are available for models with activation outliers.
+
+``bench/bench_int8.py`` also times the forms that lost: unfused dynamic, ``SkipLayerNormalization``, the stem
+under static QDQ (``qdq+convs``).
 """
 
 from __future__ import annotations
@@ -52,7 +50,7 @@ log = logging.getLogger(__name__)
 AttentionFusion = Literal["attention", "mha"]
 CalibMethod = Literal["minmax", "percentile", "entropy"]
 StaticScheme = Literal["cpu", "tensorrt"]
-Int8Scheme = Literal["cpu", "tensorrt", "dynamic"]
+Int8Scheme = Literal["cpu", "tensorrt", "dynamic", "mixed"]
 QuantFormatName = Literal["qdq", "qoperator"]
 
 
@@ -61,16 +59,54 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
     return quantizable_nodes(model)
 
 
-def quantizable_nodes(model: onnx.ModelProto, *, attention: bool = False, convs: bool = False) -> list[str]:
-    """Names of the nodes to quantize: weight MatMul/Gemm, plus fused ``Attention`` and ``Conv`` if asked.
+def quantizable_nodes(model: onnx.ModelProto, *, attention: bool = False, convs: bool = False,
+                      matmuls: bool = True) -> list[str]:
+    """Names of the nodes to quantize: weight MatMul/Gemm, fused ``Attention`` and the conv stem, as asked.
 
-    A node qualifies when its second input (the weight) is an initializer or a ``Constant``.
+    A MatMul/Gemm qualifies when its second input (the weight) is an initializer or a ``Constant``; ``convs``
+    adds :func:`conv_stem_nodes`.
     """
     weights = {t.name for t in model.graph.initializer}
     weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    types = {"MatMul", "Gemm"} | ({"Attention"} if attention else set()) | ({"Conv"} if convs else set())
-    return [n.name for n in model.graph.node
-            if n.op_type in types and len(n.input) > 1 and n.input[1] in weights]
+    types = ({"MatMul", "Gemm"} if matmuls else set()) | ({"Attention"} if attention else set())
+    names = [n.name for n in model.graph.node
+             if n.op_type in types and len(n.input) > 1 and n.input[1] in weights]
+    return (conv_stem_nodes(model) if convs else []) + names
+
+
+def _ancestors(model: onnx.ModelProto, node: onnx.NodeProto) -> set[str]:
+    """Names of ``node`` and every node it reads from, directly or not."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen: set[str] = set()
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        if current.name not in seen:
+            seen.add(current.name)
+            todo += [producer[i] for i in current.input if i in producer]
+    return seen
+
+
+def conv_stem_nodes(model: onnx.ModelProto) -> list[str]:
+    """The convolutional stem that static int8 takes whole: ``Conv``, ``Clip`` / ``Relu`` and residual ``Add``.
+
+    These are the nodes upstream of the last convolution (the patch projection), less the convolution that
+    reads the image and its activation. Quantizing a convolution's activation and residual with it lets ONNX
+    Runtime chain ``QLinearConv`` into ``QLinearConv`` (the quantizer drops the ReLU6 into the output range);
+    quantizing the convolutions alone leaves a dequantize / requantize pair around every activation, which cost
+    more than the int8 convolutions saved (docs/edge.md). The image's convolution stays float: 3 input
+    channels make a poor int8 GEMM (its ``QLinearConv`` took twice its fp32 time). A pure ViT has no stem:
+    the empty list.
+    """
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    if len(convs) < 2:
+        return []
+    upstream = _ancestors(model, convs[-1])
+    first = next(n for n in model.graph.node if n.op_type == "Conv" and n.name in upstream)
+    skip = _ancestors(model, first)
+    skip |= {n.name for n in model.graph.node if n.op_type in ("Clip", "Relu") and first.output[0] in n.input}
+    kinds = ("Conv", "Clip", "Relu", "Add")
+    return [n.name for n in model.graph.node if n.name in upstream and n.name not in skip and n.op_type in kinds]
 
 
 class _BatchReader:
@@ -89,7 +125,8 @@ class _BatchReader:
 
 
 def fuse_transformer(model: onnx.ModelProto, num_heads: int, hidden_size: int, *,
-                     attention: AttentionFusion = "attention") -> tuple[onnx.ModelProto, dict[str, int]]:
+                     attention: AttentionFusion = "attention", skip_layer_norm: bool = False
+                     ) -> tuple[onnx.ModelProto, dict[str, int]]:
     """ONNX Runtime's transformer fusions (its python fusion pass, no graph-level optimisation).
 
     Args:
@@ -98,16 +135,20 @@ def fuse_transformer(model: onnx.ModelProto, num_heads: int, hidden_size: int, *
         attention: ``attention`` fuses each block's attention with its qkv projection into one ``Attention``
             node (what dynamic int8 turns into ``QAttention``); ``mha`` into ``MultiHeadAttention`` after
             q / k / v ``MatMul`` nodes that stay outside (what static int8 can quantize).
+        skip_layer_norm: also fuse each residual ``Add`` + LayerNorm into ``SkipLayerNormalization``. Off by
+            default: that operator's CPU kernel is slower than the pair (``dinoforge.core.ort_session``), so
+            the CPU graph keeps ``Add`` + ``LayerNormalization`` and the sessions do not re-fuse them.
 
     Returns:
-        The fused graph (``com.microsoft`` ops: ``Attention`` or ``MultiHeadAttention``, ``BiasGelu``,
-        ``SkipLayerNormalization``) and how many of each fused operator it holds.
+        The fused graph (``com.microsoft`` ops: ``Attention`` or ``MultiHeadAttention``, ``BiasGelu``, and
+        ``SkipLayerNormalization`` if asked) and how many of each fused operator it holds.
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("vit")
     options.use_multi_head_attention = attention == "mha"
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = skip_layer_norm
     source = onnx.ModelProto()
     source.CopyFrom(model)  # optimize_model rewrites the proto it is given in place
     fused = optimize_model(source, model_type="vit", num_heads=num_heads, hidden_size=hidden_size,
@@ -142,7 +183,7 @@ def quantize_dynamic_int8(model: onnx.ModelProto, *, per_channel: bool = True,
 
 def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: StaticScheme = "cpu",
                   method: CalibMethod = "minmax", batch: int = 16, quant_format: QuantFormatName = "qdq",
-                  per_channel: bool = True, convs: bool = False) -> onnx.ModelProto:
+                  per_channel: bool = True, convs: bool = False, matmuls: bool = True) -> onnx.ModelProto:
     """Quantize an fp32 graph to int8 (QDQ by default).
 
     Args:
@@ -154,7 +195,8 @@ def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: St
         quant_format: ``qdq`` (Q/DQ pairs around float ops, the format TensorRT reads) or ``qoperator``
             (quantized operators such as ``QLinearMatMul``; ONNX Runtime only).
         per_channel: one weight scale per output channel (default) or one per tensor.
-        convs: also quantize the convolutions (patch projection, stem); float by default (module docstring).
+        convs: also quantize the convolutional stem (:func:`conv_stem_nodes`); float by default.
+        matmuls: quantize the weight matmuls (``False`` with ``convs``: the stem alone, as ``mixed`` does).
 
     Returns:
         The quantized graph (metadata is not copied; the caller sets it).
@@ -171,9 +213,9 @@ def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: St
         onnx.save_model(model, str(src))
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         prepared = onnx.load(str(pre))
-        nodes = quantizable_nodes(prepared, convs=convs)
+        nodes = quantizable_nodes(prepared, convs=convs, matmuls=matmuls)
         if not nodes:
-            raise ExportError("no weight MatMul/Gemm found to quantize")
+            raise ExportError("no weight MatMul/Gemm found to quantize" if matmuls else "no conv stem to quantize")
         reader = _BatchReader(model.graph.input[0].name, calibration, batch)
         symmetric = scheme == "tensorrt"
         extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True, "CalibPercentile": 99.99}
@@ -182,6 +224,34 @@ def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: St
         quantize_static(str(pre), str(dst), reader, quant_format=formats[quant_format], per_channel=per_channel,
                         activation_type=activation, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                         calibrate_method=methods[method], extra_options=extra)
-        log.info("quantized %d weight matmuls to int8 (%s scheme, calibration: %d inputs, %s)", len(nodes),
+        log.info("quantized %d nodes to int8 (%s scheme, calibration: %d inputs, %s)", len(nodes),
                  scheme, len(calibration), method)
         return onnx.load(str(dst))
+
+
+def quantize_mixed_int8(model: onnx.ModelProto, calibration: np.ndarray, num_heads: int, hidden_size: int
+                        ) -> onnx.ModelProto:
+    """``mixed``: static int8 conv stem (calibrated), then fused attention and dynamic int8 matmuls.
+
+    The fastest form on ONNX Runtime's x86 CPU provider for a hybrid ViT (its stem int8 end to end, see
+    :func:`conv_stem_nodes`) and, without a stem, the same graph as ``dynamic``.
+    """
+    if conv_stem_nodes(model):
+        model = quantize_int8(model, calibration, convs=True, matmuls=False)
+    fused, _ = fuse_transformer(model, num_heads, hidden_size)
+    return quantize_dynamic_int8(fused)
+
+
+def quantize_graph(model: onnx.ModelProto, scheme: Int8Scheme, calibration: np.ndarray | None, num_heads: int,
+                   hidden_size: int) -> onnx.ModelProto:
+    """The int8 graph of ``dinoforge export ... --int8-scheme SCHEME`` (module docstring).
+
+    ``calibration`` (model inputs ``[N, ...]``) is needed by every scheme but ``dynamic``.
+    """
+    if scheme == "dynamic":
+        return quantize_dynamic_int8(fuse_transformer(model, num_heads, hidden_size)[0])
+    if calibration is None:
+        raise ExportError(f"--int8-scheme {scheme} needs calibration images")
+    if scheme == "mixed":
+        return quantize_mixed_int8(model, calibration, num_heads, hidden_size)
+    return quantize_int8(model, calibration, scheme=scheme)

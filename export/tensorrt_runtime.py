@@ -16,6 +16,7 @@ import numpy as np
 
 from dinoforge.core.fileio import atomic_write_bytes
 from dinoforge.core.onnx_contract import EMBEDDING_OUTPUTS
+from dinoforge.core.ort_session import create_session
 from dinoforge.core.tensorrt import execute, load_engine
 from dinoforge.export.errors import ExportError
 
@@ -92,11 +93,9 @@ def run_engine(trt: Any, engine_path: Path, feeds: dict[str, np.ndarray]) -> dic
 def parity_vs_onnxruntime(trt: Any, engine_path: Path, onnx_path: Path, profiles: list[Profile],
                           min_cosine: float, seed: int = 0) -> dict[str, Any]:
     """Cosine of the engine's embeddings vs ONNX Runtime on one max-size batch of random valid inputs."""
-    import onnxruntime as ort
-
     rng = np.random.default_rng(seed)
     feeds = {}
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = create_session(onnx_path)
     for p, meta in zip(profiles, session.get_inputs(), strict=True):
         shape = p.opt
         feeds[p.name] = rng.integers(0, 256, shape, dtype=np.uint8) if meta.type == "tensor(uint8)" \

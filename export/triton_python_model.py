@@ -25,7 +25,10 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1  # one instance per core; scale with instance_group count
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # as dinoforge.core.ort_session does for CPU sessions (this file runs without dinoforge installed):
+        # ONNX Runtime's CPU SkipLayerNormalization kernel is slower than the Add + LayerNorm it would replace
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=["SkipLayerNormFusion"])
         self.input_name = config["input"][0]["name"]
         self.output_names = [o["name"] for o in config["output"]]
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from dinoforge.core.errors import ArtifactError, MissingDependencyError
 from dinoforge.core.onnx_contract import CARD_COPY, GRAPH_GLOB, graph_filename
+from dinoforge.core.ort_session import create_session
 from dinoforge.serve.backends.base import Features
 from dinoforge.serve.backends.exported import ExportedBackend, GraphContract
 
@@ -58,19 +59,11 @@ class OnnxRuntimeBackend(ExportedBackend):
     def __init__(self, path: str | Path, *, providers: list[str] | None = None,
                  intra_op_threads: int | None = None, resolution: int | None = None,
                  name: str | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as err:
-            raise MissingDependencyError("the onnxruntime backend needs `pip install onnxruntime` "
-                                         "(or onnxruntime-gpu)") from err
         self.path = pick_graph(path, resolution)
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(self.path), options,
-                                                providers=providers or ["CPUExecutionProvider"])
+            self.session = create_session(self.path, threads=intra_op_threads or 0, providers=providers)
+        except MissingDependencyError:
+            raise
         except Exception as err:  # ORT raises its own exception types for bad files
             raise ArtifactError(f"onnxruntime cannot load {self.path}: {err}") from err
         meta = self.session.get_modelmeta().custom_metadata_map

@@ -104,3 +104,35 @@ def test_dynamic_int8_needs_no_calibration_and_says_it_is_not_for_tensorrt(tiny_
     pixels = np.random.default_rng(0).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8)
     cls = _session(out).run(["cls_embedding"], {"pixels": pixels})[0]
     assert cls.shape == (3, read_card(out).embed_dim) and np.isfinite(cls).all()
+
+
+def test_mixed_int8_of_a_hybrid_takes_the_uint8_graphs_stem(tmp_path: Path, sample_images_dir: Path) -> None:
+    """--int8-scheme mixed on a hybrid ViT's uint8 graph: static int8 stem (not the image's conv), QAttention."""
+    import onnx
+    import torch
+
+    from dinoforge.core.artifact import Provenance, save_artifact
+    from dinoforge.core.backbone import build_backbone
+    from dinoforge.core.preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    model = build_backbone("test", patch_size=16, img_size=64, mobilenet_stem_blocks=7)
+    with torch.no_grad():  # trained-like biases: the attention fusion needs the bias Add a fresh init lacks
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.05)
+    pre = PreprocessConfig(mode="resize", size=64, resize_size=None, patch_size=16)
+    art = save_artifact(tmp_path / "art", model, name="hybrid", preprocessing=pre,
+                        provenance=Provenance(source="random-init"))
+    out = tmp_path / "mixed"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["export", "edge", str(art), "--out", str(out), "--precision", "int8", "--int8-scheme",
+                         "mixed", "--calibration", str(sample_images_dir), "--calibration-limit", "16",
+                         *COMMON]) == 0
+    graph = onnx.load(str(out / "model_64.onnx")).graph
+    dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert [n.input[1] in dq for n in convs] == [False] + [True] * (len(convs) - 1)  # the image's conv is float
+    assert sum(n.op_type == "QAttention" for n in graph.node) == len(model.blocks)
+    assert json.loads((out / "parity.json").read_text())["passed"] is True
+    assert json.loads((out / "edge.json").read_text())["tensorrt_lint"]["errors"] > 0

@@ -61,8 +61,10 @@ def test_conv_stem_model_passes_the_export_contract(tmp_path, sample_images_dir,
     pre = PreprocessConfig(mode="resize", size=64, resize_size=None, patch_size=16)
     art = save_artifact(tmp_path / "art", model, name="stem", preprocessing=pre,
                         provenance=Provenance(source="random-init"))
+    # no k-NN gate: a random MobileNetV2 stem (frozen, untrained norms) maps images within ~1e-6 of each other,
+    # so which neighbour wins is decided by float rounding; the embedding checks (cosine, ~1e-6 errors) remain
     export_onnx(art, tmp_path / "onnx", OnnxExportOptions(resolutions="64", parity_images=sample_images_dir,
-                                                          parity_limit=8, knn_limit=50))
+                                                          parity_limit=8, knn_limit=0))
     assert json.loads((tmp_path / "onnx" / "parity.json").read_text())["passed"]
     loaded = load_backbone(art).backbone.eval()
     x = torch.randn(1, 3, 64, 64)

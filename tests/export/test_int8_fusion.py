@@ -1,8 +1,9 @@
 """ONNX Runtime's transformer fusions on the exported graph, and int8 of the fused graph.
 
 The fp32 graph of ``ExportableViT`` is written in the form ONNX Runtime's fusion pass matches: one ``Attention``
-(or ``MultiHeadAttention``) per block, ``SkipLayerNormalization`` for every residual + LayerNorm, ``BiasGelu``
-for the MLP. Counted here on the tiny models, with parity after fusion and after int8.
+(or ``MultiHeadAttention``) per block, ``BiasGelu`` for the MLP (``SkipLayerNormalization`` for every residual +
+LayerNorm on request). The conv stem of a hybrid is quantized whole. Counted here on the tiny models, with
+parity after fusion and after int8.
 """
 
 from __future__ import annotations
@@ -18,20 +19,23 @@ import torch
 from dinoforge.core.backbone import DinoVisionTransformer, build_backbone
 from dinoforge.export.graph import ExportableViT
 from dinoforge.export.onnx_export import export_module
-from dinoforge.export.quantize import fuse_transformer, quantizable_nodes, quantize_dynamic_int8, quantize_int8
+from dinoforge.core.ort_session import create_session
+from dinoforge.export.errors import ExportError
+from dinoforge.export.quantize import (conv_stem_nodes, fuse_transformer, quantizable_nodes, quantize_dynamic_int8,
+                                       quantize_graph, quantize_int8)
 
 pytestmark = pytest.mark.slow  # exports and quantizes small graphs
 
 HW = (56, 56)
 
 
-def _trained_like(arch: str) -> DinoVisionTransformer:
+def _trained_like(arch: str, **kwargs: object) -> DinoVisionTransformer:
     """A tiny backbone with non-zero biases and per-channel LayerScale, as after training.
 
     Zero biases (a fresh init) are removed by the graph simplifier, and the fusion needs the bias ``Add``.
     """
     torch.manual_seed(0)
-    model = build_backbone(arch).eval()
+    model = build_backbone(arch, **kwargs).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
@@ -74,16 +78,27 @@ def test_one_attention_per_block_and_exact_fp32(graphs, arch: str) -> None:
     depth, cfg = len(model.blocks), model.config
     fused, stats = fuse_transformer(fp32, cfg.num_heads, cfg.embed_dim)
     assert fp32.SerializeToString() == before  # the caller's graph is not rewritten
-    # 2 residual + LayerNorm pairs per block; the last one's partner is the final norm, the first norm1 stays
-    assert stats == {"Attention": depth, "BiasGelu": depth, "SkipLayerNormalization": 2 * depth,
-                     "LayerNormalization": 1}
+    # residual Add + LayerNorm stay two operators (ONNX Runtime's CPU SkipLayerNormalization is the slower form)
+    assert stats == {"Attention": depth, "BiasGelu": depth, "LayerNormalization": 2 * depth + 1}
     ops = _ops(fused)
+    assert "SkipLayerNormalization" not in ops
     assert "Softmax" not in ops and "Div" not in ops and ops["MatMul"] == 3 * depth  # proj, fc1, fc2 remain
     x = _inputs(3)
     np.testing.assert_allclose(_run(fused, x), _run(fp32, x), rtol=0, atol=1e-4)
     with torch.no_grad():
         ref = model.forward_features(torch.from_numpy(x))[:, 0].numpy()  # [3, D]
     np.testing.assert_allclose(_run(fused, x), ref, rtol=0, atol=1e-4)
+
+
+def test_skip_layer_norm_fusion_on_request(graphs) -> None:
+    fp32, model = graphs["test"]
+    depth, cfg = len(model.blocks), model.config
+    fused, stats = fuse_transformer(fp32, cfg.num_heads, cfg.embed_dim, skip_layer_norm=True)
+    # 2 residual + LayerNorm pairs per block; the last one's partner is the final norm, the first norm1 stays
+    assert stats == {"Attention": depth, "BiasGelu": depth, "SkipLayerNormalization": 2 * depth,
+                     "LayerNormalization": 1}
+    x = _inputs(2)
+    np.testing.assert_allclose(_run(fused, x), _run(fp32, x), rtol=0, atol=1e-4)
 
 
 def test_multi_head_attention_keeps_the_qkv_matmuls(graphs) -> None:
@@ -126,11 +141,58 @@ def test_static_int8_of_the_mha_graph(graphs, fmt: str) -> None:
     assert _min_cosine(_run(int8, x), _run(fp32, x)) > 0.99
 
 
-def test_convolutions_are_quantized_only_when_asked(graphs) -> None:
+def test_a_pure_vit_has_no_conv_stem_to_quantize(graphs) -> None:
     fp32, _ = graphs["test"]
-    assert quantizable_nodes(fp32, convs=True) == [n.name for n in fp32.graph.node
-                                                  if n.op_type == "Conv"] + quantizable_nodes(fp32)
-    int8 = quantize_int8(fp32, _inputs(8, seed=2), quant_format="qoperator", convs=True)
-    assert _ops(int8)["QLinearConv"] == 1  # the patch projection
-    x = _inputs(2, seed=1)
+    assert conv_stem_nodes(fp32) == []  # the patch projection reads the image: it stays float
+    assert quantizable_nodes(fp32, convs=True) == quantizable_nodes(fp32)
+
+
+def _hybrid() -> tuple[onnx.ModelProto, DinoVisionTransformer]:
+    """The tiny hybrid ViT: MobileNetV2 blocks (frozen batch norms, folded by the export) + 2 ViT blocks."""
+    model = _trained_like("test", patch_size=16, img_size=64, mobilenet_stem_blocks=7)
+    return export_module(ExportableViT(model, (64, 64)))[0], model
+
+
+def _stem_inputs(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 64, 64)).astype(np.float32)  # [n, 3, 64, 64]
+
+
+def test_the_conv_stem_is_int8_end_to_end() -> None:
+    """Stem convs, their ReLU6 and residual adds are quantized together: no float op is left between them."""
+    fp32, _ = _hybrid()
+    convs = [n.name for n in fp32.graph.node if n.op_type == "Conv"]
+    stem = conv_stem_nodes(fp32)
+    assert convs[0] not in stem and set(convs[1:]) <= set(stem)  # all but the image's convolution
+    assert {n.op_type for n in fp32.graph.node if n.name in stem} == {"Conv", "Clip", "Add"}
+    int8 = quantize_int8(fp32, _stem_inputs(16, 2), quant_format="qoperator", convs=True, matmuls=False, batch=8)
+    ops = _ops(int8)
+    assert ops["QLinearConv"] == len(convs) - 1 and ops["QLinearAdd"] >= 1 and ops["Conv"] == 1
+    assert ops["Clip"] == 1  # the image convolution's ReLU6; the others are absorbed into the output ranges
+    assert "QLinearMatMul" not in ops and ops["MatMul"] >= 3  # matmuls=False: the transformer stays float
+    x = _stem_inputs(4, 1)
     assert _min_cosine(_run(int8, x), _run(fp32, x)) > 0.99
+
+
+def test_mixed_int8_of_a_hybrid() -> None:
+    fp32, model = _hybrid()
+    cfg = model.config
+    int8 = quantize_graph(fp32, "mixed", _stem_inputs(16, 2), cfg.num_heads, cfg.embed_dim)
+    ops = _ops(int8)
+    assert ops["QAttention"] == len(model.blocks) and "SkipLayerNormalization" not in ops
+    dq = {n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear"}
+    quantized_convs = [n for n in int8.graph.node if n.op_type == "Conv" and n.input[1] in dq]
+    assert len(quantized_convs) == sum(n.op_type == "Conv" for n in fp32.graph.node) - 1  # QDQ stem
+    x = _stem_inputs(4, 1)
+    session = create_session(int8.SerializeToString())
+    out = session.run(["cls_embedding"], {session.get_inputs()[0].name: x})[0]  # [4, D]
+    assert _min_cosine(out, _run(fp32, x)) > 0.99
+
+
+def test_mixed_without_a_stem_is_dynamic(graphs) -> None:
+    fp32, model = graphs["test"]
+    cfg = model.config
+    mixed = quantize_graph(fp32, "mixed", _inputs(8, seed=2), cfg.num_heads, cfg.embed_dim)
+    dynamic = quantize_graph(fp32, "dynamic", None, cfg.num_heads, cfg.embed_dim)
+    assert _ops(mixed) == _ops(dynamic) and _ops(mixed)["QAttention"] == len(model.blocks)
+    with pytest.raises(ExportError, match="calibration"):
+        quantize_graph(fp32, "mixed", None, cfg.num_heads, cfg.embed_dim)
