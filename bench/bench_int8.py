@@ -19,8 +19,8 @@ would hide the bias ``Add`` nodes every trained model has and the fusions need. 
   matmul and fused ``Attention`` (``QAttention``); ``dynamic, unfused`` without the fusions;
   ``dynamic +SkipLN`` with ``SkipLayerNormalization`` fused too, as ONNX Runtime's fusion pass does by default;
 * for a model with a convolutional stem: ``mixed`` (``--int8-scheme mixed``) — ``dynamic`` plus the stem
-  static int8 end to end (convolutions, ReLU6, residual adds; the image's convolution float); ``qdq+convs`` —
-  ``qdq`` plus the same stem.
+  static int8 end to end (convolutions, ReLU6, residual adds) from the first block that keeps the embeddings
+  (the image's convolution float); ``qdq+convs`` — ``qdq`` plus the whole stem.
 
 Each graph runs in its own session (``--threads`` intra-op threads) on ``--batch`` real images, timed in
 ``--rounds`` interleaved rounds of ``--iters`` runs: the median over rounds of each round's median gives img/s
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.iters, args.rounds, args.knn_images = 2, 1, min(args.knn_images, 40)
     torch.set_num_threads(args.threads)
+    logging.basicConfig(format="  %(message)s")
+    logging.getLogger("dinoforge.export.quantize").setLevel(logging.INFO)  # where `mixed` starts the int8 stem
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = args.artifact or default_artifacts(Path(tmp), args.quick)
         results = [bench_model(a, args) for a in artifacts]

@@ -21,8 +21,9 @@ from dinoforge.export.graph import ExportableViT
 from dinoforge.export.onnx_export import export_module
 from dinoforge.core.ort_session import create_session
 from dinoforge.export.errors import ExportError
-from dinoforge.export.quantize import (conv_stem_nodes, fuse_transformer, quantizable_nodes, quantize_dynamic_int8,
-                                       quantize_graph, quantize_int8)
+from dinoforge.export.quantize import (block_starts, conv_stem_nodes, embedding_cosine, fuse_transformer,
+                                       quantizable_nodes, quantize_dynamic_int8, quantize_graph, quantize_int8,
+                                       quantize_stem)
 
 pytestmark = pytest.mark.slow  # exports and quantizes small graphs
 
@@ -173,6 +174,39 @@ def test_the_conv_stem_is_int8_end_to_end() -> None:
     assert _min_cosine(_run(int8, x), _run(fp32, x)) > 0.99
 
 
+def test_stem_blocks_begin_where_no_activation_feeds_a_convolution() -> None:
+    fp32, _ = _hybrid()
+    stem = conv_stem_nodes(fp32)
+    kinds = {n.name: n.op_type for n in fp32.graph.node}
+    starts = block_starts(fp32)
+    # MobileNetV2: block 0 is depthwise -> ReLU6 -> project (3 nodes), block 1 adds the expansion (5), residual
+    # blocks end with their Add (6)
+    assert starts[:4] == [0, 3, 8, 14]
+    for start in starts:
+        assert kinds[stem[start]] == "Conv" and (start == 0 or kinds[stem[start - 1]] in ("Conv", "Add"))
+
+
+def test_the_stem_is_int8_from_the_first_block_that_keeps_the_embeddings() -> None:
+    """An outlier channel in block 0's linear projection ruins a per-tensor activation scale: int8 starts later."""
+    model = _trained_like("test", patch_size=16, img_size=64, mobilenet_stem_blocks=7)
+    with torch.no_grad():
+        model.patch_embed.stem[1].conv[1].weight[0] *= 300
+    fp32 = export_module(ExportableViT(model, (64, 64)))[0]
+    x = _stem_inputs(16, 2)
+    threshold = 0.999985  # between the cosines with block 0 int8 (~0.99998) and without (~0.99999)
+    int8, start = quantize_stem(fp32, x, min_cosine=threshold)
+    assert start is not None and start > 0
+    assert embedding_cosine(fp32, int8, x) >= threshold
+    for earlier in [s for s in block_starts(fp32) if s < start]:
+        tried = quantize_int8(fp32, x, convs=True, matmuls=False, stem_from=earlier)
+        assert embedding_cosine(fp32, tried, x) < threshold, earlier
+    dq = {n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear"}
+    first_int8 = conv_stem_nodes(fp32)[start]
+    assert [n.name for n in int8.graph.node if n.op_type == "Conv" and n.input[1] in dq][0] == first_int8
+    unchanged, none = quantize_stem(fp32, x, min_cosine=1.01)  # no start can reach it: the float graph back
+    assert none is None and unchanged is fp32
+
+
 def test_mixed_int8_of_a_hybrid() -> None:
     fp32, model = _hybrid()
     cfg = model.config
@@ -180,8 +214,8 @@ def test_mixed_int8_of_a_hybrid() -> None:
     ops = _ops(int8)
     assert ops["QAttention"] == len(model.blocks) and "SkipLayerNormalization" not in ops
     dq = {n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear"}
-    quantized_convs = [n for n in int8.graph.node if n.op_type == "Conv" and n.input[1] in dq]
-    assert len(quantized_convs) == sum(n.op_type == "Conv" for n in fp32.graph.node) - 1  # QDQ stem
+    quantized = [n.input[1] in dq for n in int8.graph.node if n.op_type == "Conv"]
+    assert not quantized[0] and quantized[-1] and quantized == sorted(quantized)  # float blocks, then int8 ones
     x = _stem_inputs(4, 1)
     session = create_session(int8.SerializeToString())
     out = session.run(["cls_embedding"], {session.get_inputs()[0].name: x})[0]  # [4, D]
