@@ -47,9 +47,10 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from dinoforge.core.onnx_contract import CLS_OUTPUT, MEAN_OUTPUT
+from dinoforge.core.onnx_contract import EMBEDDING_OUTPUTS
 from dinoforge.core.ort_session import create_session
 from dinoforge.export.errors import ExportError
+from dinoforge.export.parity import compare, run_session
 
 log = logging.getLogger(__name__)
 AttentionFusion = Literal["attention", "mha"]
@@ -69,18 +70,18 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
 
 
 def quantizable_nodes(model: onnx.ModelProto, *, attention: bool = False, convs: bool = False,
-                      matmuls: bool = True) -> list[str]:
+                      matmuls: bool = True, stem_from: int = 0) -> list[str]:
     """Names of the nodes to quantize: weight MatMul/Gemm, fused ``Attention`` and the conv stem, as asked.
 
     A MatMul/Gemm qualifies when its second input (the weight) is an initializer or a ``Constant``; ``convs``
-    adds :func:`conv_stem_nodes`.
+    adds :func:`conv_stem_nodes` from index ``stem_from`` on.
     """
     weights = {t.name for t in model.graph.initializer}
     weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     types = ({"MatMul", "Gemm"} if matmuls else set()) | ({"Attention"} if attention else set())
     names = [n.name for n in model.graph.node
              if n.op_type in types and len(n.input) > 1 and n.input[1] in weights]
-    return (conv_stem_nodes(model) if convs else []) + names
+    return (conv_stem_nodes(model)[stem_from:] if convs else []) + names
 
 
 def _ancestors(model: onnx.ModelProto, node: onnx.NodeProto) -> set[str]:
@@ -175,7 +176,7 @@ def quantize_dynamic_int8(model: onnx.ModelProto, *, per_channel: bool = True,
     """Dynamic int8: weights int8 offline, activations quantized per batch at run time (no calibration).
 
     Quantizes the weight matmuls, each fused ``Attention`` (to ``QAttention``) and, with ``convs``, the
-    convolutions (``ConvInteger``).
+    conv stem's convolutions (``ConvInteger``, which has no fast CPU kernel: ``mixed`` quantizes a stem statically).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -224,12 +225,10 @@ def quantize_int8(model: onnx.ModelProto, calibration: np.ndarray, *, scheme: St
         onnx.save_model(model, str(src))
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         prepared = onnx.load(str(pre))
-        nodes = quantizable_nodes(prepared, matmuls=matmuls)
-        if convs:
-            stem = conv_stem_nodes(prepared)
-            if len(stem) != len(conv_stem_nodes(model)):  # the indices a caller chose refer to the graph it gave
-                raise ExportError("the quantizer's pre-processing changed the conv stem; quantize it whole")
-            nodes = stem[stem_from:] + nodes
+        if stem_from and len(conv_stem_nodes(prepared)) != len(conv_stem_nodes(model)):
+            # the index a caller chose refers to the graph it gave, not to the pre-processed one
+            raise ExportError("the quantizer's pre-processing changed the conv stem; quantize it whole")
+        nodes = quantizable_nodes(prepared, convs=convs, matmuls=matmuls, stem_from=stem_from)
         if not nodes:
             raise ExportError("no weight MatMul/Gemm found to quantize" if matmuls else "no conv stem to quantize")
         reader = _BatchReader(model.graph.input[0].name, calibration, batch)
@@ -259,18 +258,8 @@ def block_starts(model: onnx.ModelProto) -> list[int]:
 
 def embedding_cosine(a: onnx.ModelProto, b: onnx.ModelProto, inputs: np.ndarray, batch: int = 16) -> float:
     """The lowest cosine between two graphs' CLS and mean embeddings over ``inputs`` ``[N, ...]``."""
-    outputs = []
-    for model in (a, b):
-        session = create_session(model.SerializeToString())
-        name = session.get_inputs()[0].name
-        runs = [session.run([CLS_OUTPUT, MEAN_OUTPUT], {name: inputs[i:i + batch]})
-                for i in range(0, len(inputs), batch)]
-        outputs.append([np.concatenate([r[k] for r in runs]) for k in range(2)])  # [N, D] each
-    lowest = 1.0
-    for x, y in zip(*outputs, strict=True):
-        cos = (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-12)
-        lowest = min(lowest, float(cos.min()))
-    return lowest
+    ours, ref = (run_session(create_session(m.SerializeToString()), inputs, batch) for m in (a, b))  # [N, D]
+    return min(compare(ours[name], ref[name])["min_cosine"] for name in EMBEDDING_OUTPUTS)
 
 
 def quantize_stem(model: onnx.ModelProto, calibration: np.ndarray, min_cosine: float = STEM_MIN_COSINE
