@@ -46,6 +46,7 @@ from typing import Literal
 
 import numpy as np
 import onnx
+import torch
 
 from dinoforge.core.onnx_contract import EMBEDDING_OUTPUTS
 from dinoforge.core.ort_session import create_session
@@ -256,10 +257,18 @@ def block_starts(model: onnx.ModelProto) -> list[int]:
             if kinds[name] == "Conv" and (j == 0 or kinds[stem[j - 1]] not in ("Clip", "Relu"))]
 
 
+def _embeddings(model: onnx.ModelProto, inputs: np.ndarray, batch: int = 16) -> dict[str, torch.Tensor]:
+    """A graph's CLS and mean embeddings ``[N, D]`` over ``inputs`` ``[N, ...]``."""
+    return run_session(create_session(model.SerializeToString()), inputs, batch)
+
+
+def _lowest_cosine(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    return min(compare(ours[name], ref[name])["min_cosine"] for name in EMBEDDING_OUTPUTS)
+
+
 def embedding_cosine(a: onnx.ModelProto, b: onnx.ModelProto, inputs: np.ndarray, batch: int = 16) -> float:
     """The lowest cosine between two graphs' CLS and mean embeddings over ``inputs`` ``[N, ...]``."""
-    ours, ref = (run_session(create_session(m.SerializeToString()), inputs, batch) for m in (a, b))  # [N, D]
-    return min(compare(ours[name], ref[name])["min_cosine"] for name in EMBEDDING_OUTPUTS)
+    return _lowest_cosine(_embeddings(a, inputs, batch), _embeddings(b, inputs, batch))
 
 
 def quantize_stem(model: onnx.ModelProto, calibration: np.ndarray, min_cosine: float = STEM_MIN_COSINE
@@ -275,9 +284,10 @@ def quantize_stem(model: onnx.ModelProto, calibration: np.ndarray, min_cosine: f
         The graph and the index into :func:`conv_stem_nodes` where int8 begins (``None``: no start kept the
         embeddings, the graph is returned unchanged).
     """
+    reference = _embeddings(model, calibration)  # the float graph's, once for every start tried
     for start in block_starts(model):
         stem_int8 = quantize_int8(model, calibration, convs=True, matmuls=False, stem_from=start)
-        cosine = embedding_cosine(model, stem_int8, calibration)
+        cosine = _lowest_cosine(_embeddings(stem_int8, calibration), reference)
         log.info("int8 stem from node %d: embedding cosine %.5f (needed %.3f)", start, cosine, min_cosine)
         if cosine >= min_cosine:
             return stem_int8, start
