@@ -20,7 +20,9 @@ would hide the bias ``Add`` nodes every trained model has and the fusions need. 
   ``dynamic +SkipLN`` with ``SkipLayerNormalization`` fused too, as ONNX Runtime's fusion pass does by default;
 * for a model with a convolutional stem: ``mixed`` (``--int8-scheme mixed``) — ``dynamic`` plus the stem
   static int8 end to end (convolutions, ReLU6, residual adds) from the first block that keeps the embeddings
-  (the image's convolution float); ``qdq+convs`` — ``qdq`` plus the whole stem.
+  (the image's convolution float); ``mixed, whole stem`` — every stem block int8, whatever the embeddings
+  lose (what the float first blocks cost in speed; the parity gate may refuse it); ``qdq+convs`` — ``qdq`` plus
+  the whole stem.
 
 Each graph runs in its own session (``--threads`` intra-op threads) on ``--batch`` real images, timed in
 ``--rounds`` interleaved rounds of ``--iters`` runs: the median over rounds of each round's median gives img/s
@@ -28,6 +30,10 @@ and the speed-up over fp32 (this VM's speed drifts; interleaving spreads the dri
 the same images; DINOv2 k-NN top-1 on Fashion-MNIST (``--knn-images`` train as index, as many test as queries)
 and the drop against fp32 in points. Targets (issue "Edge runtime"): int8 >= 2.0x fp32 at batch 8 with
 2 threads, drop <= 0.5 pt. Run it on a quiet machine.
+
+``--resolution R`` exports at R px instead of the card's size (the position embeddings are interpolated, as
+the exporter does for any size). ``--profile`` adds, per graph, ONNX Runtime's profile of ``--iters`` runs in a
+session of its own: milliseconds per run by operator type (where the time goes; printed and in ``--json``).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import torch
 from bench_export import _random_artifacts, _time
 
 from dinoforge.core.artifact import Artifact, load_artifact
+from dinoforge.core.image_contract import PreprocessConfig
 from dinoforge.core.onnx_contract import CLS_OUTPUT, MEAN_OUTPUT
 from dinoforge.core.ort_session import create_session
 from dinoforge.core.pooling import pool
@@ -80,6 +87,8 @@ def variants(fp32: onnx.ModelProto, calib: np.ndarray, art: Artifact) -> tuple[G
     }
     if conv_stem_nodes(fp32):
         builders["mixed"] = (lambda: quantize_mixed_int8(fp32, calib, arch.num_heads, arch.embed_dim), False)
+        builders["mixed, whole stem"] = (lambda: quantize_mixed_int8(fp32, calib, arch.num_heads, arch.embed_dim,
+                                                                     min_cosine=-1.0), False)
         builders["qdq+convs"] = (lambda: quantize_int8(fp32, calib, convs=True), False)
     out = {}
     for name, (build, skip_ln) in builders.items():
@@ -115,6 +124,29 @@ def knn_accuracy(session: Any, x: np.ndarray, train_y: torch.Tensor, test_y: tor
     return float((pred == test_y).double().mean())
 
 
+def op_profile(model: onnx.ModelProto, skip_ln: bool, x: np.ndarray, threads: int, runs: int,
+               warmup: int = 5) -> dict[str, float]:
+    """Milliseconds per run by operator type, from ONNX Runtime's profiler: ``runs`` runs after ``warmup``.
+
+    A session of its own, so the timed sessions run without the profiler's overhead.
+    """
+    with tempfile.TemporaryDirectory(prefix="dinoforge-profile-") as tmp:
+        session = create_session(model.SerializeToString(), threads=threads, skip_layer_norm_fusion=skip_ln,
+                                 profile_prefix=Path(tmp, "ort"))
+        feed = {session.get_inputs()[0].name: x}
+        for _ in range(warmup + runs):
+            session.run([CLS_OUTPUT], feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    first_timed = starts[warmup]  # node events before it belong to the warm-up runs
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= first_timed:
+            op = e["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1000 / runs
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
 def _throughput(sessions: dict[str, Any], x: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
     """img/s of every session: ``--rounds`` rounds, each timing every graph in turn (so machine drift hits all
     alike), median of ``--iters`` runs per round; the median over rounds."""
@@ -134,6 +166,9 @@ def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     if random_init:
         trained_like_biases(art.backbone)
     pre = art.card.preprocessing
+    if args.resolution:  # validated: the size must be a multiple of the patch size
+        resize = None if pre.resize_size is None else round(pre.resize_size * args.resolution / pre.size)
+        pre = PreprocessConfig(**{**pre.model_dump(), "size": args.resolution, "resize_size": resize})
     hw = (pre.size, pre.size)
     images = load_images(default_image_dir(), args.batch + 32)
     x_all = pixels_to_input(to_pixels(images, pre, hw), pre).numpy()
@@ -155,6 +190,8 @@ def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
                "min_cosine_vs_fp32": float(torch.nn.functional.cosine_similarity(cls, ref).min())}
         if knn is not None:
             row["knn_accuracy"] = knn_accuracy(session, knn[0], knn[1], knn[2], art.card.default_pooling)
+        if args.profile:
+            row["profile_ms"] = op_profile(graphs[name][0], graphs[name][1], x, args.threads, args.iters)
         rows.append(row)
     speeds = _throughput(sessions, x, args)
     for row in rows:
@@ -178,6 +215,17 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(result: dict[str, Any], top: int = 8) -> str:
+    """Each graph's ``top`` operator types by milliseconds per run, with their share of its kernel time."""
+    lines = [f"{result['artifact']} at {result['resolution']} px: ms per run by operator type (share)"]
+    for r in result["rows"]:
+        ops = r["profile_ms"]
+        total = sum(ops.values())
+        parts = ", ".join(f"{op} {ms:.2f} ({100 * ms / total:.0f}%)" for op, ms in list(ops.items())[:top])
+        lines.append(f"{r['variant']:24s} {total:6.2f} ms: {parts}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, action="append", default=[])
@@ -186,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20, help="timed runs per graph and round (default 20)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     parser.add_argument("--knn-images", type=int, default=1000, help="0 disables the k-NN check")
+    parser.add_argument("--resolution", type=int, help="export at this size in px (default: the card's)")
+    parser.add_argument("--profile", action="store_true", help="ONNX Runtime's time per operator type per graph")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 iterations, 40 k-NN images")
     args = parser.parse_args(argv)
@@ -199,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [bench_model(a, args) for a in artifacts]
     for result in results:
         print(table(result))
+        if args.profile:
+            print(profile_table(result))
     if args.json:
         args.json.write_text(json.dumps({"batch": args.batch, "threads": args.threads, "results": results},
                                         indent=2) + "\n")

@@ -30,8 +30,8 @@ def disabled_optimizers(providers: Sequence[str]) -> list[str]:
 
 
 def create_session(model: str | Path | bytes, *, threads: int = 0, providers: Sequence[str] | None = None,
-                   optimized_model_path: str | Path | None = None, skip_layer_norm_fusion: bool | None = None
-                   ) -> Any:
+                   optimized_model_path: str | Path | None = None, skip_layer_norm_fusion: bool | None = None,
+                   profile_prefix: str | Path | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` with dinoforge's options.
 
     Args:
@@ -41,6 +41,8 @@ def create_session(model: str | Path | bytes, *, threads: int = 0, providers: Se
         optimized_model_path: also write the graph ONNX Runtime runs after its optimizers (for inspection).
         skip_layer_norm_fusion: force ``SkipLayerNormFusion`` on or off (default: off on CPU only; benches
             set it to time both).
+        profile_prefix: record ONNX Runtime's per-node profile; ``session.end_profiling()`` writes it to a
+            JSON file whose name starts with this prefix (benches: where the time goes).
 
     Raises:
         MissingDependencyError: onnxruntime is not installed.
@@ -56,6 +58,9 @@ def create_session(model: str | Path | bytes, *, threads: int = 0, providers: Se
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     disabled = disabled_optimizers(providers)
     if skip_layer_norm_fusion is not None:
         disabled = [] if skip_layer_norm_fusion else list(CPU_DISABLED_OPTIMIZERS)

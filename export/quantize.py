@@ -294,15 +294,16 @@ def quantize_stem(model: onnx.ModelProto, calibration: np.ndarray, min_cosine: f
     return model, None
 
 
-def quantize_mixed_int8(model: onnx.ModelProto, calibration: np.ndarray, num_heads: int, hidden_size: int
-                        ) -> onnx.ModelProto:
+def quantize_mixed_int8(model: onnx.ModelProto, calibration: np.ndarray, num_heads: int, hidden_size: int,
+                        min_cosine: float = STEM_MIN_COSINE) -> onnx.ModelProto:
     """``mixed``: a static int8 conv stem (:func:`quantize_stem`), then fused attention and dynamic int8 matmuls.
 
     The fastest form on ONNX Runtime's x86 CPU provider for a hybrid ViT and, without a stem, the same graph
-    as ``dynamic``.
+    as ``dynamic``. ``min_cosine``: the stem's bar (:func:`quantize_stem`; -1 turns the whole stem int8, which
+    benches use to show what the stem's first blocks cost).
     """
     if conv_stem_nodes(model):
-        model, _ = quantize_stem(model, calibration)
+        model, _ = quantize_stem(model, calibration, min_cosine)
     fused, _ = fuse_transformer(model, num_heads, hidden_size)
     return quantize_dynamic_int8(fused)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +47,14 @@ def test_only_cpu_only_sessions_switch_the_fusion_off() -> None:
     assert disabled_optimizers(["CPUExecutionProvider"]) == ["SkipLayerNormFusion"]
     assert disabled_optimizers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == []
     assert disabled_optimizers(["TensorrtExecutionProvider", "CUDAExecutionProvider"]) == []
+
+
+def test_profile_prefix_records_every_node(tmp_path) -> None:
+    """``profile_prefix``: ONNX Runtime's per-node trace lands in a file with that prefix."""
+    session = create_session(_residual_norm_graph(), threads=1, profile_prefix=tmp_path / "trace")
+    feeds = {n: np.zeros((1, 5, D), np.float32) for n in ("x", "y")}
+    session.run(None, feeds)
+    trace = Path(session.end_profiling())
+    assert trace.parent == tmp_path and trace.name.startswith("trace")
+    ops = {e["args"]["op_name"] for e in json.loads(trace.read_text()) if e.get("cat") == "Node"}
+    assert "LayerNormalization" in ops

@@ -23,7 +23,7 @@ from dinoforge.core.ort_session import create_session
 from dinoforge.export.errors import ExportError
 from dinoforge.export.quantize import (block_starts, conv_stem_nodes, embedding_cosine, fuse_transformer,
                                        quantizable_nodes, quantize_dynamic_int8, quantize_graph, quantize_int8,
-                                       quantize_stem)
+                                       quantize_mixed_int8, quantize_stem)
 
 pytestmark = pytest.mark.slow  # exports and quantizes small graphs
 
@@ -220,6 +220,17 @@ def test_mixed_int8_of_a_hybrid() -> None:
     session = create_session(int8.SerializeToString())
     out = session.run(["cls_embedding"], {session.get_inputs()[0].name: x})[0]  # [4, D]
     assert _min_cosine(out, _run(fp32, x)) > 0.99
+
+
+def test_mixed_with_no_bar_turns_the_whole_stem_int8() -> None:
+    """``min_cosine=-1`` (the bench's ``mixed, whole stem``): every stem block int8, only the image's conv float."""
+    fp32, model = _hybrid()
+    cfg = model.config
+    int8 = quantize_mixed_int8(fp32, _stem_inputs(16, 2), cfg.num_heads, cfg.embed_dim, min_cosine=-1.0)
+    dq = {n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear"}
+    quantized = [n.input[1] in dq for n in int8.graph.node if n.op_type == "Conv"]
+    assert quantized == [False] + [True] * (len(quantized) - 1)
+    assert _ops(int8)["QAttention"] == len(model.blocks)
 
 
 def test_mixed_without_a_stem_is_dynamic(graphs) -> None:
