@@ -34,17 +34,22 @@ and the drop against fp32 in points. Targets (issue "Edge runtime"): int8 >= 2.0
 ``--resolution R`` exports at R px instead of the card's size (the position embeddings are interpolated, as
 the exporter does for any size). ``--profile`` adds, per graph, ONNX Runtime's profile of ``--iters`` runs in a
 session of its own: milliseconds per run by operator type (where the time goes; printed and in ``--json``).
+``--instances N`` also times each graph as N concurrent sessions of ``--threads / N`` intra-op threads, each
+running the batch (ONNX Runtime's int8 graphs gain less than fp32 ones from a second intra-op thread; a
+second session on the other core recovers part of it), in the same interleaved rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -147,16 +152,35 @@ def op_profile(model: onnx.ModelProto, skip_ln: bool, x: np.ndarray, threads: in
     return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
 
 
-def _throughput(sessions: dict[str, Any], x: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
-    """img/s of every session: ``--rounds`` rounds, each timing every graph in turn (so machine drift hits all
-    alike), median of ``--iters`` runs per round; the median over rounds."""
-    per_round: dict[str, list[float]] = {name: [] for name in sessions}
+Step = tuple[Callable[[], object], int]  # one timed call, and the images it embeds
+
+
+def _steps(graphs: Graphs, sessions: dict[str, Any], x: np.ndarray, args: argparse.Namespace,
+           pool: ThreadPoolExecutor | None) -> dict[tuple[str, int], Step]:
+    """What to time per (variant, instances): one session on ``x``; with ``--instances N``, also N sessions of
+    ``--threads / N`` threads each, run concurrently on ``x`` each (one run of the graph per thread)."""
+    def run(s: Any) -> object:
+        return s.run([CLS_OUTPUT], {s.get_inputs()[0].name: x})
+
+    steps: dict[tuple[str, int], Step] = {(name, 1): (lambda s=s: run(s), args.batch) for name, s in sessions.items()}
+    if pool is None:
+        return steps
+    n = args.instances
+    for name, (model, flag) in graphs.items():
+        group = [create_session(model.SerializeToString(), threads=max(1, args.threads // n),
+                                skip_layer_norm_fusion=flag) for _ in range(n)]
+        steps[(name, n)] = (lambda g=group: [f.result() for f in [pool.submit(run, s) for s in g]], n * args.batch)
+    return steps
+
+
+def _throughput(steps: dict[tuple[str, int], Step], args: argparse.Namespace) -> dict[tuple[str, int], float]:
+    """img/s of every step: ``--rounds`` rounds, each timing every step in turn (so machine drift hits all
+    alike), median of ``--iters`` calls per round; the median over rounds."""
+    per_round: dict[tuple[str, int], list[float]] = {key: [] for key in steps}
     for _ in range(args.rounds):
-        for name, s in sessions.items():
-            seconds = statistics.median(_time(lambda s=s: s.run([CLS_OUTPUT], {s.get_inputs()[0].name: x}),
-                                              args.iters))
-            per_round[name].append(args.batch / seconds)
-    return {name: statistics.median(v) for name, v in per_round.items()}
+        for key, (step, images) in steps.items():
+            per_round[key].append(images / statistics.median(_time(step, args.iters)))
+    return {key: statistics.median(v) for key, v in per_round.items()}
 
 
 def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -193,24 +217,31 @@ def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         if args.profile:
             row["profile_ms"] = op_profile(graphs[name][0], graphs[name][1], x, args.threads, args.iters)
         rows.append(row)
-    speeds = _throughput(sessions, x, args)
+    with ThreadPoolExecutor(args.instances) if args.instances > 1 else contextlib.nullcontext() as pool:
+        speeds = _throughput(_steps(graphs, sessions, x, args, pool), args)
     for row in rows:
-        row["img_per_s"] = speeds[row["variant"]]
+        row["img_per_s"] = speeds[(row["variant"], 1)]
         row["speedup_vs_fp32"] = row["img_per_s"] / rows[0]["img_per_s"]
+        if args.instances > 1:
+            row["img_per_s_instances"] = speeds[(row["variant"], args.instances)]
+            row["speedup_vs_fp32_instances"] = row["img_per_s_instances"] / rows[0]["img_per_s_instances"]
         if knn is not None:
             row["knn_drop_pt"] = 100 * (rows[0]["knn_accuracy"] - row["knn_accuracy"])
         print(f"  {art.card.name:>16s} {row['variant']:24s} {row['img_per_s']:9.1f} img/s", flush=True)
     return {"artifact": art.card.name, "resolution": pre.size, "random_weights": random_init,
-            "fused_operators": stats, "rows": rows}
+            "fused_operators": stats, "instances": args.instances, "rows": rows}
 
 
 def table(result: dict[str, Any]) -> str:
     note = " (random weights: k-NN meaningless, speed only)" if result.get("random_weights") else ""
+    n = result.get("instances", 1)
+    extra = f" {f'img/s {n} inst':>13s} {'x fp32':>7s}" if n > 1 else ""
     lines = [f"{result['artifact']} at {result['resolution']} px{note}; fusions: {result['fused_operators']}",
-             f"{'variant':24s} {'img/s':>9s} {'x fp32':>7s} {'min cos':>8s} {'k-NN drop pt':>12s} {'MB':>7s}"]
+             f"{'variant':24s} {'img/s':>9s} {'x fp32':>7s}{extra} {'min cos':>8s} {'k-NN drop pt':>12s} {'MB':>7s}"]
     for r in result["rows"]:
         drop = f"{r['knn_drop_pt']:12.2f}" if "knn_drop_pt" in r else f"{'-':>12s}"
-        lines.append(f"{r['variant']:24s} {r['img_per_s']:9.1f} {r['speedup_vs_fp32']:7.2f} "
+        inst = f" {r['img_per_s_instances']:13.1f} {r['speedup_vs_fp32_instances']:7.2f}" if n > 1 else ""
+        lines.append(f"{r['variant']:24s} {r['img_per_s']:9.1f} {r['speedup_vs_fp32']:7.2f}{inst} "
                      f"{r['min_cosine_vs_fp32']:8.5f} {drop} {r['bytes'] / 1e6:7.2f}")
     return "\n".join(lines)
 
@@ -236,9 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--knn-images", type=int, default=1000, help="0 disables the k-NN check")
     parser.add_argument("--resolution", type=int, help="export at this size in px (default: the card's)")
     parser.add_argument("--profile", action="store_true", help="ONNX Runtime's time per operator type per graph")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="also time N concurrent sessions of threads/N threads each (default 1: not)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 iterations, 40 k-NN images")
     args = parser.parse_args(argv)
+    if args.instances < 1 or args.instances > args.threads:
+        parser.error(f"--instances must be between 1 and --threads ({args.threads})")
     if args.quick:
         args.iters, args.rounds, args.knn_images = 2, 1, min(args.knn_images, 40)
     torch.set_num_threads(args.threads)

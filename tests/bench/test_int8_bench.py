@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow  # one export, two fusions, four quantizations, se
 
 def test_every_variant_runs_and_keeps_the_embedding(run_bench: RunBench, tmp_path: Path) -> None:
     out = tmp_path / "int8.json"
-    done = run_bench("bench_int8.py", "--quick", "--profile", "--resolution", "42", "--json", str(out), timeout=900)
+    done = run_bench("bench_int8.py", "--quick", "--profile", "--resolution", "42", "--instances", "2",
+                     "--json", str(out), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = json.loads(out.read_text())["results"]
     rows = {r["variant"]: r for r in result["rows"]}
@@ -23,7 +24,7 @@ def test_every_variant_runs_and_keeps_the_embedding(run_bench: RunBench, tmp_pat
     # one fused attention, one bias + GELU per block (2 blocks); residual + LayerNorm stay unfused
     assert result["fused_operators"] == {"Attention": 2, "BiasGelu": 2, "LayerNormalization": 5}
     assert result["random_weights"] is True
-    assert result["resolution"] == 42  # --resolution: exported at 42 px, not the card's 56
+    assert result["resolution"] == 42 and result["instances"] == 2  # --resolution: exported at 42 px, not the card's 56
     # --profile: where each graph's time goes, by operator type
     assert rows["fp32"]["profile_ms"]["MatMul"] > 0 and "QAttention" not in rows["fp32"]["profile_ms"]
     assert rows["dynamic"]["profile_ms"]["QAttention"] > 0 and "Attention" not in rows["dynamic"]["profile_ms"]
@@ -32,7 +33,7 @@ def test_every_variant_runs_and_keeps_the_embedding(run_bench: RunBench, tmp_pat
         assert rows[name]["min_cosine_vs_fp32"] > 0.99999, name  # fusion alone changes nothing
     for name, row in rows.items():
         assert row["min_cosine_vs_fp32"] > 0.99, name
-        assert row["img_per_s"] > 0 and "knn_drop_pt" in row, name
+        assert row["img_per_s"] > 0 and row["img_per_s_instances"] > 0 and "knn_drop_pt" in row, name
         if name not in ("fp32", "fp32 +SkipLN", "fused fp32"):
             assert row["bytes"] < 0.6 * rows["fp32"]["bytes"], name  # int8 weights
     assert f"{'variant':24s}" in done.stdout  # the table is printed
