@@ -65,11 +65,6 @@ QuantFormatName = Literal["qdq", "qoperator"]
 STEM_MIN_COSINE = 0.997
 
 
-def weight_matmuls(model: onnx.ModelProto) -> list[str]:
-    """Names of MatMul/Gemm nodes whose second operand is an initializer (i.e. a linear layer)."""
-    return quantizable_nodes(model)
-
-
 def quantizable_nodes(model: onnx.ModelProto, *, attention: bool = False, convs: bool = False,
                       matmuls: bool = True, stem_from: int = 0) -> list[str]:
     """Names of the nodes to quantize: weight MatMul/Gemm, fused ``Attention`` and the conv stem, as asked.
