@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from pydantic import ValidationError
 from bench_export import _random_artifacts, _time
 
 from dinoforge.core.artifact import Artifact, load_artifact
@@ -190,9 +191,13 @@ def bench_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     if random_init:
         trained_like_biases(art.backbone)
     pre = art.card.preprocessing
-    if args.resolution:  # validated: the size must be a multiple of the patch size
+    if args.resolution:
         resize = None if pre.resize_size is None else round(pre.resize_size * args.resolution / pre.size)
-        pre = PreprocessConfig(**{**pre.model_dump(), "size": args.resolution, "resize_size": resize})
+        try:
+            pre = PreprocessConfig(**{**pre.model_dump(), "size": args.resolution, "resize_size": resize})
+        except ValidationError as err:  # e.g. not a multiple of the patch size
+            raise SystemExit(f"bench_int8.py: error: --resolution {args.resolution} for {path}: "
+                             f"{err.errors()[0]['msg']}") from None
     hw = (pre.size, pre.size)
     images = load_images(default_image_dir(), args.batch + 32)
     x_all = pixels_to_input(to_pixels(images, pre, hw), pre).numpy()
@@ -272,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 iterations, 40 k-NN images")
     args = parser.parse_args(argv)
+    if args.resolution is not None and args.resolution < 1:
+        parser.error("--resolution must be positive")
     if args.instances < 1 or args.instances > args.threads:
         parser.error(f"--instances must be between 1 and --threads ({args.threads})")
     if args.quick:

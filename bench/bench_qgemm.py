@@ -18,11 +18,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_export import _time
 from onnx import TensorProto, helper, numpy_helper
 
 from dinoforge.core.ort_session import create_session
@@ -61,17 +61,11 @@ def bench(shapes: list[tuple[int, int, int]], threads: list[int], iters: int, ro
         x = np.random.default_rng(1).standard_normal(shape[:2]).astype(np.float32)  # [M, K]
         for t in threads:
             for form, model in graphs(*shape).items():
-                session = create_session(model, threads=t)
-                session.run(None, {"x": x})  # warm-up: weight packing, arena
-                runs[(shape, t, form)] = (session, x)
+                runs[(shape, t, form)] = (create_session(model, threads=t), x)
     per_round: dict[tuple[tuple[int, int, int], int, str], list[float]] = {key: [] for key in runs}
     for _ in range(rounds):
         for key, (session, x) in runs.items():
-            times = []
-            for _ in range(iters):
-                start = time.perf_counter()
-                session.run(None, {"x": x})
-                times.append(time.perf_counter() - start)
+            times = _time(lambda s=session, x=x: s.run(None, {"x": x}), iters)
             per_round[key].append(statistics.median(times) * 1e6)
     return [{"m": s[0], "k": s[1], "n": s[2], "threads": t, "form": f, "us": statistics.median(v),
              "gmac_per_s": s[0] * s[1] * s[2] / statistics.median(v) / 1e3} for (s, t, f), v in per_round.items()]

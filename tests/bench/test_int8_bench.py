@@ -38,3 +38,9 @@ def test_every_variant_runs_and_keeps_the_embedding(run_bench: RunBench, tmp_pat
             assert row["bytes"] < 0.6 * rows["fp32"]["bytes"], name  # int8 weights
     assert f"{'variant':24s}" in done.stdout  # the table is printed
     assert "ms per run by operator type" in done.stdout
+
+
+def test_a_resolution_off_the_patch_grid_is_refused_with_a_reason(run_bench: RunBench) -> None:
+    done = run_bench("bench_int8.py", "--quick", "--resolution", "50", timeout=300)
+    assert done.returncode != 0 and "not a multiple of patch_size 14" in done.stderr
+    assert "Traceback" not in done.stderr
