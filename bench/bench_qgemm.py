@@ -5,7 +5,8 @@
 
 What the int8 graphs of ``bench_int8.py`` are made of: ``y = x @ W + b`` with ``x`` ``[M, K]`` float32, as a
 float ``MatMul`` + ``Add`` and as the ``DynamicQuantizeMatMul`` that ``--int8-scheme dynamic`` / ``mixed`` write
-(``x`` quantized to uint8 at run time, ``W`` per-channel int8, float output). Default shapes: the four linear
+(``x`` quantized to uint8 at run time, ``W`` per-channel int8, float output; made by the export's own
+:func:`quantize_dynamic_int8`). Default shapes: the four linear
 layers of the demo student at batch 8 (50 tokens x 192 channels: qkv, proj, fc1, fc2) and of ViT-S/14 at 224 px
 (197 tokens x 384). Each (shape, threads, form) is timed in ``--rounds`` interleaved rounds of ``--iters`` runs;
 the median over rounds of each round's median. Printed: microseconds, GMAC/s, int8 over fp32, and how much a
@@ -26,32 +27,24 @@ from bench_export import _time
 from onnx import TensorProto, helper, numpy_helper
 
 from dinoforge.core.ort_session import create_session
+from dinoforge.export.quantize import quantize_dynamic_int8
 
 STUDENT = [(400, 192, 576), (400, 192, 192), (400, 192, 768), (400, 768, 192)]  # qkv, proj, fc1, fc2
 VIT_S = [(1576, 384, 1152), (1576, 384, 384), (1576, 384, 1536), (1576, 1536, 384)]
 
 
 def graphs(m: int, k: int, n: int, seed: int = 0) -> dict[str, bytes]:
-    """``fp32`` (``MatMul`` + ``Add``) and ``int8`` (``DynamicQuantizeMatMul``) of one random linear layer."""
+    """``fp32`` (``MatMul`` + ``Add``) of one random linear layer, and ``int8``: that graph through
+    :func:`quantize_dynamic_int8`, as the export quantizes it (ONNX Runtime runs it as ``DynamicQuantizeMatMul``)."""
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)  # [K, N]
     b = (rng.standard_normal(n) * 0.1).astype(np.float32)  # [N]
-    scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)  # per output channel
-    wq = np.round(w / scale).astype(np.int8)
-
-    def model(nodes: list[Any], arrays: dict[str, np.ndarray]) -> bytes:
-        inits = [numpy_helper.from_array(a, name) for name, a in arrays.items()]
-        graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], inits)
-        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-        return helper.make_model(graph, opset_imports=opsets).SerializeToString()
-
-    fp32 = model([helper.make_node("MatMul", ["x", "w"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])],
-                 {"w": w, "b": b})
-    int8 = model([helper.make_node("DynamicQuantizeMatMul", ["x", "wq", "ws", "wz", "b"], ["y"],
-                                   domain="com.microsoft")],
-                 {"wq": wq, "ws": scale, "wz": np.zeros(n, np.int8), "b": b})
-    return {"fp32": fp32, "int8": int8}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["t"], name="linear"), helper.make_node("Add", ["t", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return {"fp32": fp32.SerializeToString(), "int8": quantize_dynamic_int8(fp32).SerializeToString()}
 
 
 def bench(shapes: list[tuple[int, int, int]], threads: list[int], iters: int, rounds: int) -> list[dict[str, Any]]:
